@@ -1,0 +1,405 @@
+"""Federated data: load a dataset (hub or local image folder), partition it, split each client.
+
+Every machine computes the same partitions from the same configuration: the source is read in a
+fixed order (hub order, or byte-wise sorted file paths), shuffled with ``data.seed`` and handed to
+a flwr-datasets partitioner. Partitioners see a light table (label, domain, row index) so that no
+image is decoded while partitioning.
+
+Partitioners (``data.partitioner``):
+- ``domain``: one client per domain (FedCLIP), flwr-datasets ``NaturalIdPartitioner``.
+- ``domain-dirichlet``: ``clients_per_domain`` clients per domain with Dirichlet(alpha) label skew
+  inside each domain (FL²oRA), ``DirichletPartitioner`` per domain; partition p holds domain
+  p // k (domains sorted), Dirichlet part p % k.
+- ``dirichlet``: Dirichlet(alpha) label skew over the whole dataset (FL²oRA CIFAR).
+- ``iid``: ``IidPartitioner`` over the shuffled dataset.
+- ``pathological``: ``classes_per_client`` classes per client (``PathologicalPartitioner``).
+``data.classes`` = base / novel keeps the first / second half of the sorted class names.
+Clients of ``data.heldout_domains`` are *unseen*: they never train and evaluate on all their data.
+Seen clients split their partition (seeded by data.seed and partition id) into train/val/test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ConfigError, DataConfig, NodeConfig, expand_path
+from .hub import HubUnavailable, offline_requested, reachable
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DataError(ValueError):
+    """A data problem the user can fix; ``str(err)`` is one line naming the file or partition."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    hub_id: str
+    split: str = "train"
+    image: str = "image"
+    label: str = "label"
+    domain: str | None = None
+    num_classes: int = 0  # 0 = unknown until loaded
+
+
+REGISTRY: dict[str, DatasetSpec] = {
+    "pacs": DatasetSpec("flwrlabs/pacs", domain="domain", num_classes=7),
+    "office-home": DatasetSpec("flwrlabs/office-home", domain="domain", num_classes=65),
+    "cifar10": DatasetSpec("uoft-cs/cifar10", image="img", label="label", num_classes=10),
+    "cifar100": DatasetSpec("uoft-cs/cifar100", image="img", label="fine_label", num_classes=100),
+    "imagefolder": DatasetSpec(""),
+}
+
+
+@dataclass
+class Source:
+    """A whole dataset in canonical form: image references, integer labels, domain names."""
+
+    images: Any  # list of paths (local) or an HF dataset column accessor (hub)
+    labels: np.ndarray
+    domains: np.ndarray  # str per example ("all" when the dataset has no domains)
+    class_names: list[str]
+    fingerprint: str
+    hf: Any = None  # the HF dataset for hub sources (images decoded lazily)
+    image_column: str = "image"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def domain_names(self) -> list[str]:
+        return sorted(set(self.domains.tolist()))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def _scan_folder(root: Path) -> Source:
+    if not root.is_dir():
+        raise DataError(f"data folder {str(root)!r} does not exist; set data.path (or the node's data-dir) to a folder laid out <domain>/<class>/<img> or <class>/<img>")
+    top = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not top:
+        raise DataError(f"data folder {str(root)!r} has no sub-folders; expected <domain>/<class>/<img> or <class>/<img>")
+
+    def images_in(d: Path) -> list[Path]:
+        return sorted((p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name.encode())
+
+    nested = all(any(c.is_dir() for c in d.iterdir()) and not images_in(d) for d in top)
+    groups: list[tuple[str, Path]] = []  # (domain, class folder)
+    if nested:
+        for dom in top:
+            groups += [(dom.name, c) for c in sorted(dom.iterdir()) if c.is_dir() and not c.name.startswith(".")]
+    else:
+        groups = [("all", c) for c in top]
+    class_names = sorted({c.name for _, c in groups}, key=lambda s: s.encode())
+    index = {c: i for i, c in enumerate(class_names)}
+    paths: list[str] = []
+    labels: list[int] = []
+    domains: list[str] = []
+    for dom, cls in groups:
+        for img in images_in(cls):
+            paths.append(str(img))
+            labels.append(index[cls.name])
+            domains.append(dom)
+    if not paths:
+        raise DataError(f"data folder {str(root)!r} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    digest = hashlib.sha1("\n".join(os.path.relpath(p, root) for p in paths).encode()).hexdigest()[:16]
+    return Source(paths, np.asarray(labels, dtype=np.int64), np.asarray(domains), class_names, f"folder:{digest}")
+
+
+def _load_hub(spec: DatasetSpec, hub_id: str, cache_dir: str | None) -> Source:
+    import datasets
+
+    hub_id = hub_id or spec.hub_id
+    if not reachable() or offline_requested():
+        try:
+            ds = _load_hub_cached(hub_id, spec.split, cache_dir)
+        except Exception:
+            raise HubUnavailable(
+                f"dataset {hub_id} is not in the local cache and the hub is unreachable: set data.path to a local "
+                "image folder (<domain>/<class>/<img>), or load it once with network (`fedcal fetch-data`) and copy ~/.cache/huggingface"
+            ) from None
+    else:
+        ds = datasets.load_dataset(hub_id, split=spec.split, cache_dir=cache_dir)
+    for col in (spec.image, spec.label) + ((spec.domain,) if spec.domain else ()):
+        if col not in ds.column_names:
+            raise DataError(f"dataset {hub_id} has no column {col!r} (columns: {', '.join(ds.column_names)})")
+    feature = ds.features[spec.label]
+    class_names = list(getattr(feature, "names", None) or [str(v) for v in sorted(set(ds[spec.label]))])
+    labels = np.asarray(ds[spec.label], dtype=np.int64)
+    domains = np.asarray(ds[spec.domain]) if spec.domain else np.full(len(labels), "all")
+    ds = ds.cast_column(spec.image, datasets.Image(decode=False))
+    return Source(None, labels, domains, class_names, f"hub:{hub_id}:{ds._fingerprint}", hf=ds, image_column=spec.image)
+
+
+def _load_hub_cached(hub_id: str, split: str, cache_dir: str | None):
+    import datasets
+
+    previous = os.environ.get("HF_DATASETS_OFFLINE")
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        datasets.config.HF_DATASETS_OFFLINE = True
+        return datasets.load_dataset(hub_id, split=split, cache_dir=cache_dir)
+    finally:
+        if previous is None:
+            os.environ.pop("HF_DATASETS_OFFLINE", None)
+        else:
+            os.environ["HF_DATASETS_OFFLINE"] = previous
+
+
+def load_source(cfg: DataConfig, data_dir: str = "") -> Source:
+    """The whole dataset named by the config (``data_dir`` = a node's data-dir override)."""
+    if cfg.dataset not in REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(cfg.dataset, list(REGISTRY), n=1)
+        raise ConfigError(f"data.dataset {cfg.dataset!r} is unknown" + (f" (did you mean {close[0]!r}?)" if close else "") + f"; one of {', '.join(REGISTRY)}")
+    path = data_dir or cfg.path
+    if path:
+        return _scan_folder(expand_path(path, "data-dir" if data_dir else "data.path"))
+    if cfg.dataset == "imagefolder":
+        raise ConfigError("data.dataset='imagefolder' needs data.path (or the node's data-dir) to point at the folder")
+    return _load_hub(REGISTRY[cfg.dataset], cfg.hub_id, None)
+
+
+def select_classes(source: Source, which: str) -> Source:
+    """Keep all classes, or the base (first half of sorted names) / novel (second half) ones."""
+    if which == "all":
+        return source
+    order = sorted(range(len(source.class_names)), key=lambda i: source.class_names[i])
+    half = (len(order) + 1) // 2
+    keep = order[:half] if which == "base" else order[half:]
+    remap = {old: new for new, old in enumerate(keep)}
+    mask = np.isin(source.labels, keep)
+    rows = np.nonzero(mask)[0]
+    return Source(
+        images=None if source.images is None else [source.images[i] for i in rows],
+        labels=np.asarray([remap[int(v)] for v in source.labels[rows]], dtype=np.int64),
+        domains=source.domains[rows],
+        class_names=[source.class_names[i] for i in keep],
+        fingerprint=f"{source.fingerprint}:{which}",
+        hf=None if source.hf is None else source.hf.select(rows),
+        image_column=source.image_column,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Partitioning (flwr-datasets partitioners)
+# --------------------------------------------------------------------------------------------
+def expected_partitions(cfg: DataConfig, domains: list[str]) -> int | None:
+    """How many clients the partitioner defines (None: as many as num-partitions says)."""
+    if cfg.partitioner == "domain":
+        return len(domains)
+    if cfg.partitioner == "domain-dirichlet":
+        return len(domains) * cfg.clients_per_domain
+    return None
+
+
+@contextmanager
+def _quiet():
+    """Silence the progress bars datasets and flwr-datasets print while partitioning."""
+    import datasets
+
+    import flwr_datasets.partitioner.natural_id_partitioner as natural
+
+    enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
+    bar = natural.tqdm
+    natural.tqdm = lambda iterable, *a, **k: iterable
+    try:
+        yield
+    finally:
+        natural.tqdm = bar
+        if enabled:
+            datasets.utils.logging.enable_progress_bar()
+
+
+def _light_table(labels: np.ndarray, domains: np.ndarray, rows: np.ndarray, seed: int):
+    import datasets
+
+    table = datasets.Dataset.from_dict({"label": labels[rows].tolist(), "domain": domains[rows].tolist(), "row": rows.tolist()})
+    return table.shuffle(seed=seed).flatten_indices()
+
+
+def _dirichlet(table, k: int, alpha: float, seed: int, what: str):
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    min_size = max(1, min(10, len(table) // (4 * k)))
+    part = DirichletPartitioner(num_partitions=k, partition_by="label", alpha=alpha, min_partition_size=min_size, seed=seed)
+    part.dataset = table
+    try:
+        return [np.asarray(part.load_partition(i)["row"], dtype=np.int64) for i in range(k)]
+    except ValueError as err:
+        raise DataError(f"Dirichlet partitioning of {what} into {k} clients failed ({str(err).splitlines()[0]}); raise data.alpha or use fewer clients") from None
+
+
+def partition_rows(source: Source, cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:
+    """Row indices (into ``source``) of every partition, identical on every machine."""
+    with _quiet():
+        return _partition_rows(source, cfg, num_partitions)
+
+
+def _partition_rows(source: Source, cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:
+    from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner, PathologicalPartitioner
+
+    domains = source.domain_names()
+    expected = expected_partitions(cfg, domains)
+    if expected is not None and expected != num_partitions:
+        detail = f"{len(domains)} domains" + (f" x {cfg.clients_per_domain} clients_per_domain" if cfg.partitioner == "domain-dirichlet" else "")
+        raise ConfigError(
+            f"data.partitioner={cfg.partitioner} with {detail} needs {expected} partitions, but num-partitions is {num_partitions}: "
+            f"run {expected} SuperNodes (simulation: --federation-config 'num-supernodes={expected}')"
+        )
+    all_rows = np.arange(len(source), dtype=np.int64)
+    if cfg.partitioner == "domain":
+        table = _light_table(source.labels, source.domains, all_rows, cfg.seed)
+        part = NaturalIdPartitioner(partition_by="domain")
+        part.dataset = table
+        return [_rows(part, i) for i in range(num_partitions)]
+    if cfg.partitioner == "domain-dirichlet":
+        out = []
+        for d_idx, dom in enumerate(domains):
+            rows = all_rows[source.domains == dom]
+            table = _light_table(source.labels, source.domains, rows, cfg.seed + d_idx)
+            out += [np.sort(r) for r in _dirichlet(table, cfg.clients_per_domain, cfg.alpha, cfg.seed + d_idx, f"domain {dom!r}")]
+        return out
+    table = _light_table(source.labels, source.domains, all_rows, cfg.seed)
+    if cfg.partitioner == "dirichlet":
+        return [np.sort(r) for r in _dirichlet(table, num_partitions, cfg.alpha, cfg.seed, "the dataset")]
+    if cfg.partitioner == "iid":
+        part = IidPartitioner(num_partitions=num_partitions)
+    else:
+        if cfg.classes_per_client > len(source.class_names):
+            raise ConfigError(f"data.classes_per_client={cfg.classes_per_client} exceeds the {len(source.class_names)} classes")
+        part = PathologicalPartitioner(num_partitions=num_partitions, partition_by="label", num_classes_per_partition=cfg.classes_per_client, seed=cfg.seed)
+    part.dataset = table
+    return [_rows(part, i) for i in range(num_partitions)]
+
+
+def _rows(part, i: int) -> np.ndarray:
+    """Sorted source rows of partition i (empty when the partitioner has nothing for it)."""
+    try:
+        return np.sort(np.asarray(part.load_partition(i)["row"], dtype=np.int64))
+    except IndexError:  # e.g. IidPartitioner with fewer examples than partitions
+        return np.empty(0, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# One client's data
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ClientData:
+    partition_id: int
+    num_partitions: int
+    domain: str
+    role: str  # "seen" (trains) or "unseen" (held out: evaluated only)
+    class_names: list[str]
+    source: Source
+    splits: dict[str, np.ndarray] = field(default_factory=dict)  # split -> rows into source
+
+    def size(self, split: str) -> int:
+        return len(self.splits.get(split, ()))
+
+    def fingerprint(self, split: str) -> str:
+        rows = self.splits.get(split, np.empty(0, dtype=np.int64))
+        return hashlib.sha1(self.source.fingerprint.encode() + np.ascontiguousarray(rows).tobytes()).hexdigest()[:16]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.source.labels[self.splits[split]]
+
+    def dataset(self, split: str, transform: Any) -> ImageDataset:
+        return ImageDataset(self.source, self.splits[split], transform)
+
+
+def client_domain(source: Source, rows: np.ndarray, cfg: DataConfig) -> str:
+    if cfg.partitioner in ("domain", "domain-dirichlet"):
+        doms = set(source.domains[rows].tolist())
+        return doms.pop() if len(doms) == 1 else "mixed"
+    return "all"
+
+
+def load_client_data(cfg: DataConfig, node: NodeConfig) -> ClientData:
+    """Load, partition and split the data of the client ``node.partition_id``."""
+    source = select_classes(load_source(cfg, node.data_dir), cfg.classes)
+    domains = source.domain_names()
+    unknown = [d for d in cfg.heldout() if d not in domains]
+    if unknown:
+        raise ConfigError(f"data.heldout_domains names {unknown[0]!r}, which is not a domain of this dataset ({', '.join(domains)})")
+    if cfg.heldout() and cfg.partitioner not in ("domain", "domain-dirichlet"):
+        raise ConfigError("data.heldout_domains needs a domain partitioner (data.partitioner = domain or domain-dirichlet)")
+    rows = partition_rows(source, cfg, node.num_partitions)[node.partition_id]
+    if len(rows) == 0:
+        raise DataError(
+            f"partition {node.partition_id} of {node.num_partitions} is empty (data.partitioner={cfg.partitioner}); "
+            "use fewer clients, a larger data.alpha or another partitioner"
+        )
+    rng = np.random.default_rng([cfg.seed, node.partition_id])
+    if cfg.max_per_client and len(rows) > cfg.max_per_client:
+        rows = np.sort(rng.choice(rows, size=cfg.max_per_client, replace=False))
+    domain = client_domain(source, rows, cfg)
+    role = node.role if node.role != "auto" else ("unseen" if domain in cfg.heldout() else "seen")
+    data = ClientData(node.partition_id, node.num_partitions, domain, role, source.class_names, source)
+    empty = np.empty(0, dtype=np.int64)
+    if role == "unseen":
+        data.splits = {"train": empty, "val": empty, "test": rows}
+        return data
+    order = rng.permutation(rows)
+    n_train = int(round(len(order) * cfg.train_fraction))
+    n_val = int(round(len(order) * cfg.val_fraction))
+    data.splits = {"train": np.sort(order[:n_train]), "val": np.sort(order[n_train : n_train + n_val]), "test": np.sort(order[n_train + n_val :])}
+    if not len(data.splits["train"]):
+        raise DataError(f"partition {node.partition_id} has {len(rows)} examples and an empty train split; use fewer clients or a larger data.train_fraction")
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Torch dataset
+# --------------------------------------------------------------------------------------------
+def open_image(ref: Any, what: str):
+    """Decode one image to RGB; any failure names the file."""
+    from PIL import Image
+
+    try:
+        if isinstance(ref, str):
+            with Image.open(ref) as img:
+                return img.convert("RGB")
+        if isinstance(ref, dict):
+            if ref.get("bytes"):
+                with Image.open(io.BytesIO(ref["bytes"])) as img:
+                    return img.convert("RGB")
+            if ref.get("path"):
+                with Image.open(ref["path"]) as img:
+                    return img.convert("RGB")
+        if hasattr(ref, "convert"):
+            return ref.convert("RGB")
+        raise TypeError(f"unsupported image reference {type(ref).__name__}")
+    except Exception as err:
+        raise DataError(f"cannot read image {what}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; fix or remove the file") from None
+
+
+class ImageDataset:
+    """(image tensor, label) pairs for some rows of a :class:`Source` (a torch map-style dataset)."""
+
+    def __init__(self, source: Source, rows: np.ndarray, transform: Any):
+        self.source, self.rows, self.transform = source, np.asarray(rows, dtype=np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        if self.source.hf is not None:
+            ref = self.source.hf[row][self.source.image_column]
+            what = (ref.get("path") if isinstance(ref, dict) else None) or f"row {row} of {self.source.fingerprint}"
+        else:
+            ref = self.source.images[row]
+            what = ref
+        image = open_image(ref, what)
+        return self.transform(image), int(self.source.labels[row])
