@@ -1,0 +1,89 @@
+"""Everything one client process needs for one message: config, data, frozen CLIP, method.
+
+In deployment each Flower message starts a fresh ClientApp process, so a runtime is built per
+message: the partition is recomputed (cheap, deterministic), CLIP is loaded from the local cache
+and the method is rebuilt with the same seed as on the server, then the global trainable state
+from the message is loaded into it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torchvision import transforms as T
+
+from common.config import NodeConfig, RunConfig
+from common.data import ClientData, load_client_data
+from common.methods import ClipMethod, build_method
+from common.model import LoadedClip, load_clip, resolve_device
+
+from .train import SplitEvaluation, SplitInputs, TrainOutcome, evaluate_logits, local_train, predict
+
+log = logging.getLogger(__name__)
+
+NO_AUGMENT_METHODS = ("adapter", "linear", "zeroshot")  # FedCLIP trains without augmentation
+
+
+def rrc_flip(clip: LoadedClip):
+    """Random-resized-crop (scale 0.08-1, bicubic) + horizontal flip, CLIP normalisation (FL²oRA, CoOp)."""
+    pp = getattr(clip.model.visual, "preprocess_cfg", {}) or {}
+    size = pp.get("size", clip.model.visual.image_size)
+    size = size if isinstance(size, int) else tuple(size)
+    mean = pp.get("mean", (0.48145466, 0.4578275, 0.40821073))
+    std = pp.get("std", (0.26862954, 0.26130258, 0.27577711))
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+@dataclass
+class ClientRuntime:
+    cfg: RunConfig
+    node: NodeConfig
+    data: ClientData
+    clip: LoadedClip
+    method: ClipMethod
+    device: torch.device
+
+    @classmethod
+    def create(cls, cfg: RunConfig, node: NodeConfig, data: ClientData | None = None) -> ClientRuntime:
+        if node.cache_dir:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": node.cache_dir})})
+        if cfg.optim.num_threads:
+            torch.set_num_threads(cfg.optim.num_threads)
+        device = resolve_device(node.device or cfg.model.device)
+        data = data or load_client_data(cfg.data, node)
+        clip = load_clip(cfg.model.name, cfg.model.pretrained, device=device, precision=cfg.model.precision,
+                         cache_dir=cfg.model.cache_dir or None, offline=cfg.model.offline)
+        method = build_method(cfg, clip, data.class_names, seed=cfg.optim.seed)
+        return cls(cfg, node, data, clip, method, device)
+
+    # ------------------------------------------------------------------ inputs
+    def augment(self) -> bool:
+        mode = self.cfg.data.augment
+        return mode == "rrc-flip" or (mode == "auto" and self.method.name not in NO_AUGMENT_METHODS)
+
+    def inputs(self, split: str, train: bool = False) -> SplitInputs:
+        if train and self.augment():
+            return SplitInputs(self.method, self.cfg, self.data, split, rrc_flip(self.clip), self.device, cacheable=False)
+        return SplitInputs(self.method, self.cfg, self.data, split, self.clip.preprocess_eval, self.device, cacheable=True)
+
+    # ------------------------------------------------------------------ work
+    def train(self, global_state: dict[str, torch.Tensor], *, server_round: int, fl_config: dict, teacher=None, carot_step: int = 0, feddyn_grad=None) -> TrainOutcome:
+        self.method.load_trainable_state(global_state)
+        return local_train(
+            self.method, self.cfg, self.inputs("train", train=True), server_round=server_round, partition_id=self.node.partition_id,
+            device=self.device, global_state=global_state, fl_config=fl_config, teacher=teacher, carot_step=carot_step, feddyn_grad=feddyn_grad,
+        )
+
+    def logits(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return predict(self.method, self.cfg, self.inputs(split), self.device, wise_alpha=self.cfg.method.wise_alpha)
+
+    def evaluate_split(self, split: str, temperature: float = 1.0) -> SplitEvaluation:
+        logits, labels = self.logits(split)
+        return evaluate_logits(split, logits, labels, self.cfg.eval.n_bins, temperature)

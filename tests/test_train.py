@@ -1,0 +1,149 @@
+"""Local training and evaluation on the tiny CLIP and real pacs-mini images."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from client.runtime import ClientRuntime
+from client.train import SplitInputs, evaluate_logits, fednova_normaliser, lr_factor, steps_per_round
+from common import config
+from common.calibration import CalibrationStats
+
+METHODS = ["lora", "adapter", "coop", "kgcoop", "linear", "full"]
+LOSSES = ["ce", "focal", "flsd53", "flyp", "carot"]
+
+
+def runtime(pacs_dir, tmp_path, **overrides):
+    base = dict(
+        model__name="fedcal-tiny", model__pretrained="", data__path=str(pacs_dir), data__partitioner="iid",
+        data__max_per_client=48, data__cache_dir=str(tmp_path / "cache"), optim__name="adam", optim__lr=1e-2,
+        optim__local_steps=2, optim__batch_size=16, method__prompt__n_ctx=4,
+    )
+    base.update(overrides)
+    cfg = config.load(None, **base)
+    node = config.parse_node_config({"partition-id": 0, "num-partitions": 8})
+    return ClientRuntime.create(cfg, node)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_trains_with_every_loss(pacs_dir, tmp_path, name, loss):
+    rt = runtime(pacs_dir, tmp_path, method__name=name, loss__name=loss, loss__label_smoothing=0.1 if loss in ("ce", "flyp", "carot") else 0.0,
+                 loss__carot__teacher_every=1, optim__lr=1e-4 if name == "full" else 1e-2)
+    start = rt.method.trainable_state()
+    out = rt.train(start, server_round=1, fl_config={})
+    assert out.metrics["local-steps"] == 2 and math.isfinite(out.metrics["train-loss"])
+    assert any(not torch.equal(out.state[k], start[k]) for k in start)
+    if loss == "carot":
+        assert out.teacher is not None and out.carot_step == 2
+        again = rt.train(out.state, server_round=2, fl_config={}, teacher=out.teacher, carot_step=out.carot_step)
+        assert again.metrics["train-self-distillation"] > 0  # the teacher now differs from the student
+
+
+@pytest.mark.parametrize("penalty", ["mbls", "dca", "mdca", "mmce"])
+def test_calibration_penalties_compose(pacs_dir, tmp_path, penalty):
+    rt = runtime(pacs_dir, tmp_path, method__name="lora", loss__penalty=penalty, loss__name="flyp" if penalty == "mmce" else "ce")
+    out = rt.train(rt.method.trainable_state(), server_round=1, fl_config={"proximal-mu": 0.1})
+    assert math.isfinite(out.metrics["train-loss"])
+    assert out.metrics["train-loss"] == pytest.approx(
+        out.metrics["train-base-loss"] + out.metrics["train-penalty"] + out.metrics["train-client-term"], rel=1e-5)
+
+
+def test_loss_goes_down_for_each_method(pacs_dir, tmp_path):
+    """A short centralised run: full-batch training loss before vs after three rounds."""
+    for name in METHODS:
+        rt = runtime(pacs_dir, tmp_path, method__name=name, data__max_per_client=64, optim__local_steps=8,
+                     optim__lr=3e-4 if name == "full" else 2e-2, data__augment="none")
+        inputs = rt.inputs("train")
+
+        def full_batch_loss() -> float:
+            logits, labels = [], []
+            with torch.no_grad():
+                for x, y in inputs.batches(64):
+                    logits.append(rt.method.logits_from_embeddings(inputs.embed(x)))
+                    labels.append(y)
+            loss = torch.nn.functional.cross_entropy(torch.cat(logits), torch.cat(labels)).item()
+            return loss + (rt.method.regularizer().item() if name == "kgcoop" else 0.0)
+
+        state = rt.method.trainable_state()
+        before = full_batch_loss()
+        for r in (1, 2, 3):
+            state = rt.train(state, server_round=r, fl_config={}).state
+        rt.method.load_trainable_state(state)
+        after = full_batch_loss()
+        assert after < before - 1e-3, f"{name}: loss {before:.4f} -> {after:.4f}"
+
+
+def test_feature_cache_gives_identical_logits(pacs_dir, tmp_path):
+    rt = runtime(pacs_dir, tmp_path, method__name="adapter")
+    cached = rt.inputs("test")
+    assert cached.precomputed and not cached.cache_hit
+    again = rt.inputs("test")
+    assert again.cache_hit
+    uncached = SplitInputs(rt.method, rt.cfg, rt.data, "test", rt.clip.preprocess_eval, rt.device, cacheable=False)
+    assert not uncached.precomputed
+    torch.manual_seed(0)
+    rt.method.load_trainable_state({k: torch.randn_like(v) for k, v in rt.method.trainable_state().items()})
+    with torch.no_grad():
+        a = torch.cat([rt.method.logits_from_embeddings(again.embed(x)) for x, _ in again.batches(16)])
+        b = torch.cat([rt.method.logits_from_embeddings(uncached.embed(x)) for x, _ in uncached.batches(16)])
+    assert torch.equal(a, b)
+    # a damaged cache file is recomputed, not trusted
+    for f in (tmp_path / "cache" / "features").glob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    assert not rt.inputs("test").cache_hit
+
+
+def test_augmenting_methods_do_not_use_the_cache_for_training(pacs_dir, tmp_path):
+    lora = runtime(pacs_dir, tmp_path, method__name="lora")
+    assert lora.augment() and not lora.inputs("train", train=True).precomputed
+    coop = runtime(pacs_dir, tmp_path, method__name="coop")
+    assert coop.augment() and not coop.inputs("train", train=True).precomputed and coop.inputs("test").precomputed
+    adapter = runtime(pacs_dir, tmp_path, method__name="adapter")
+    assert not adapter.augment() and adapter.inputs("train", train=True).precomputed
+
+
+def test_training_is_seeded(pacs_dir, tmp_path):
+    a = runtime(pacs_dir, tmp_path, method__name="lora")
+    b = runtime(pacs_dir, tmp_path, method__name="lora")
+    s0 = a.method.trainable_state()
+    out_a = a.train(s0, server_round=3, fl_config={})
+    out_b = b.train(s0, server_round=3, fl_config={})
+    assert all(torch.equal(out_a.state[k], out_b.state[k]) for k in s0)
+    out_c = b.train(s0, server_round=4, fl_config={})
+    assert any(not torch.equal(out_a.state[k], out_c.state[k]) for k in s0)
+
+
+def test_feddyn_state_update(pacs_dir, tmp_path):
+    rt = runtime(pacs_dir, tmp_path, method__name="adapter")
+    g0 = rt.method.trainable_state()
+    out = rt.train(g0, server_round=1, fl_config={"feddyn-alpha": 0.5})
+    assert out.feddyn_grad is not None
+    for k in g0:  # g <- 0 - alpha (w - w_global)
+        assert torch.allclose(out.feddyn_grad[k], -0.5 * (out.state[k] - g0[k]), atol=1e-6)
+
+
+def test_schedule_and_fednova_normaliser():
+    cfg = config.load(None, optim__schedule="cosine", optim__warmup_steps=2)
+    assert [round(lr_factor(s, 10, cfg), 4) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    assert lr_factor(5, 10, config.load(None)) == 1.0
+    assert steps_per_round(100, config.load(None, optim__local_epochs=2, optim__batch_size=32)) == 8
+    plain = config.load(None, optim__momentum=0.0)
+    assert fednova_normaliser(7, plain) == 7.0
+    rho = 0.9
+    assert fednova_normaliser(7, config.load(None)) == pytest.approx((7 - rho * (1 - rho**7) / (1 - rho)) / (1 - rho))
+
+
+def test_evaluation_returns_exact_stats(pacs_dir, tmp_path):
+    rt = runtime(pacs_dir, tmp_path, method__name="linear")
+    logits, labels = rt.logits("test")
+    assert logits.shape == (rt.data.size("test"), 7)
+    ev = rt.evaluate_split("test", temperature=2.0)
+    assert ev.stats == CalibrationStats.from_logits(logits, labels, n_bins=15, temperature=2.0)
+    assert ev.stats10.n_bins == 10 and ev.temperature == 2.0
+    metrics = ev.metrics("test-")
+    assert CalibrationStats.from_metrics(metrics, "test-") == ev.stats
+    assert evaluate_logits("x", logits[:0], labels[:0], 15).stats.total == 0
