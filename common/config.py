@@ -241,6 +241,7 @@ class FaultConfig(_Section):
     mode: Literal["none", "nan", "shape", "extra-key", "huge", "crash"] = Field("none", description="TEST ONLY: make some clients send a bad update.")
     partitions: str = Field("", description="TEST ONLY: comma list of partition ids that misbehave.")
     huge_scale: float = Field(1e6, gt=0, description="TEST ONLY: factor of the 'huge' update.")
+    stop_after_round: int = Field(0, ge=0, description="TEST ONLY: the ServerApp stops (as if killed) after checkpointing this round; 0 = never.")
 
     def partition_ids(self) -> set[int]:
         try:

@@ -1,0 +1,123 @@
+"""The ServerApp (Flower 1.42 Message API): one federated run from start to report.
+
+1. Validate the run configuration; open (or resume) the run folder; start the Prometheus exporter.
+2. Wait (bounded) for ``fl.min_available_nodes`` SuperNodes and ask each for its identity.
+3. Build the method once (CPU) to get the initial trainable state — or load the last checkpoint.
+4. Run Flower's ``Strategy.start`` with fedcal's strategy for the remaining rounds.
+5. Save the final state with the federated temperature, write summary.json / summary.md /
+   reliability diagrams, push/linger the final metrics.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import ConfigError, RunConfig, from_flower
+from common.hub import HubUnavailable
+from common.tensors import from_record, to_record
+
+from . import checkpoint, report
+from .monitoring import Monitor
+from .nodes import FederationError, NodeRegistry
+from .records import RunDirectory
+from .strategy import build_strategy
+
+log = logging.getLogger("flwr.fedcal")
+app = ServerApp()
+
+
+class RunFailed(RuntimeError):
+    """A run stopped for a reason the operator can fix; the message is one line."""
+
+
+def initial_trainable_state(cfg: RunConfig, class_names: list[str]) -> tuple[dict, dict]:
+    """Build CLIP and the method once on the CPU; return its initial trainable state and sizes."""
+    from common.methods import build_method
+    from common.model import load_clip
+
+    clip = load_clip(cfg.model.name, cfg.model.pretrained, device="cpu", precision=cfg.model.precision,
+                     cache_dir=cfg.model.cache_dir or None, offline=cfg.model.offline)
+    total = sum(p.numel() for p in clip.model.parameters())
+    method = build_method(cfg, clip, class_names, seed=cfg.optim.seed)
+    state = method.trainable_state()
+    info = {"trainable_params": int(sum(v.numel() for v in state.values())), "total_params": int(total),
+            "update_bytes": int(sum(v.numel() * 4 for v in state.values())), "full_model_bytes": int(total * 4)}
+    del method, clip
+    gc.collect()
+    return state, info
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        run_federation(grid, context)
+    except (ConfigError, FederationError, HubUnavailable) as err:
+        log.error("fedcal run failed: %s", err)
+        raise RunFailed(str(err)) from None
+
+
+def run_federation(grid: Grid, context: Context) -> dict:
+    cfg = from_flower(dict(context.run_config))
+    run = RunDirectory.create(cfg)
+    monitor = Monitor(cfg, run.name)
+    log.info("fedcal run %s (%s, %s on %s, %d rounds) -> %s", run.name, "resumed" if run.resumed else "new",
+             cfg.method.name, cfg.model.name, cfg.fl.rounds, run.path)
+    try:
+        registry = NodeRegistry(info_timeout=cfg.fl.round_timeout)
+        registry.wait_for_nodes(grid, cfg.fl.min_available_nodes, cfg.fl.node_wait_timeout)
+        registry.discover(grid)
+        if registry.num_seen() < cfg.fl.min_train_nodes:
+            raise FederationError(f"fl.min_train_nodes={cfg.fl.min_train_nodes} but only {registry.num_seen()} connected clients may train "
+                                  f"({len(registry.info) - registry.num_seen()} are held out): lower fl.min_train_nodes or add SuperNodes")
+        start_round, ckpt = 0, None
+        if run.resumed:
+            folder = checkpoint.latest(run.path)
+            if folder is None:
+                raise ConfigError(f"output.resume: {run.path} has no checkpoint yet; start a new run instead")
+            ckpt = checkpoint.load(folder)
+            start_round, state = ckpt.round, ckpt.global_state
+            sizes = ckpt.meta.get("sizes", {})
+            log.info("resuming %s after round %d", run.name, start_round)
+        else:
+            state, sizes = initial_trainable_state(cfg, registry.class_names())
+            log.info("%s: %s trainable parameters of %s (%s bytes per update)", cfg.method.name,
+                     f"{sizes['trainable_params']:,}", f"{sizes['total_params']:,}", f"{sizes['update_bytes']:,}")
+        trainable = bool(state)
+        strategy = build_strategy(cfg, run, registry, monitor, round_offset=start_round, trainable=trainable)
+        strategy.extra_meta = {"sizes": sizes}
+        if ckpt is not None:
+            strategy.restore(ckpt)
+        remaining = cfg.fl.rounds - start_round
+        final_arrays = to_record(state)
+        t0 = time.monotonic()
+        if remaining > 0:
+            result = strategy.start(
+                grid=grid, initial_arrays=final_arrays, num_rounds=remaining, timeout=cfg.fl.round_timeout,
+                train_config=ConfigRecord({"run-name": run.name}), evaluate_config=ConfigRecord({"run-name": run.name}),
+                evaluate_fn=strategy.end_of_round,
+            )
+            if len(result.arrays):
+                final_arrays = result.arrays
+        else:
+            log.info("run %s already completed %d rounds", run.name, start_round)
+        final_state = from_record(final_arrays)
+        checkpoint.save_final(run.path, final_state, {"temperature": strategy.temperature, "best": strategy.best, "sizes": sizes})
+        summary = report.build(run.path, extra={"sizes": sizes, "best": strategy.best, "wall_seconds": time.monotonic() - t0},
+                               diagrams=cfg.eval.diagrams)
+        _log_final(summary)
+        return summary
+    finally:
+        monitor.finish()
+        run.close()
+
+
+def _log_final(summary: dict) -> None:
+    for row in summary.get("pooled", []):
+        log.info("final %s %s: accuracy %.4f ECE %.4f NLL %.4f (%d clients)", row["split"],
+                 "raw" if row["ts"] == "none" else f"after TS ({row['ts']})", row["accuracy"] or 0, row["ece"] or 0, row["nll"] or 0, row["clients"])
+    log.info("records, summary and diagrams: %s", summary["run_dir"])

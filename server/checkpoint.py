@@ -1,0 +1,89 @@
+"""Checkpoints: the global trainable state and the strategy's own state, after every round.
+
+``checkpoints/round-000k/`` holds ``global.safetensors`` (the trainable tensors),
+``strategy.safetensors`` (server optimizer moments, FedAvgM momentum, FedDyn h, ...) and
+``state.json`` (round, best round, counters). A checkpoint is written into a temporary folder and
+renamed into place; only then does ``checkpoints/LATEST`` (itself replaced atomically) point at it,
+so a crash at any moment leaves the previous checkpoint intact. ``final/`` holds the state after
+the last round together with the fitted global temperature.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_np
+from safetensors.numpy import save_file as save_np
+
+from common.config import ConfigError
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    global_state: dict[str, torch.Tensor]
+    strategy_arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _save_dir(folder: Path, global_state: dict[str, torch.Tensor], strategy_arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_np({k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in global_state.items()}, str(tmp / "global.safetensors"))
+    save_np({k: np.ascontiguousarray(v) for k, v in strategy_arrays.items()} or {"__empty__": np.zeros(0)}, str(tmp / "strategy.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def save(run_dir: Path, server_round: int, global_state: dict[str, torch.Tensor], strategy_arrays: dict[str, np.ndarray], meta: dict[str, Any], keep_rounds: bool = False) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / f"round-{server_round:05d}"
+    _save_dir(folder, global_state, strategy_arrays, {**meta, "round": server_round})
+    previous = (root / "LATEST").read_text().strip() if (root / "LATEST").exists() else ""
+    _atomic_write_text(root / "LATEST", folder.name)
+    if previous and previous != folder.name and not keep_rounds:
+        shutil.rmtree(root / previous, ignore_errors=True)
+    return folder
+
+
+def save_final(run_dir: Path, global_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    folder = Path(run_dir) / "final"
+    _save_dir(folder, global_state, {}, meta)
+    return folder
+
+
+def latest(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "LATEST"
+    if not pointer.exists():
+        return None
+    folder = pointer.parent / pointer.read_text().strip()
+    return folder if (folder / "state.json").exists() else None
+
+
+def load(folder: Path) -> Checkpoint:
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        arrays = load_np(str(folder / "global.safetensors"))
+        strategy_arrays = {k: v for k, v in load_np(str(folder / "strategy.safetensors")).items() if k != "__empty__"}
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"checkpoint {folder} is unreadable ({err}); resume from another run folder") from None
+    return Checkpoint(int(meta["round"]), {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, strategy_arrays, meta)

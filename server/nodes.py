@@ -1,0 +1,154 @@
+"""Which SuperNodes take part, and as what: partition, domain, role (seen/unseen), classes.
+
+The server never sees data; it asks each new node once (a ``query`` message with action
+``info``) and keeps the answer. Nodes are ordered by partition id, so that seeded client sampling
+picks the same partitions in every run, whatever node ids the SuperLink hands out. Held-out
+(unseen) nodes are never offered to the training sampler and are always evaluated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ConfigRecord, Message, RecordDict
+
+log = logging.getLogger("flwr.fedcal")
+
+
+class FederationError(RuntimeError):
+    """The federation cannot run as configured; ``str(err)`` is one line that says why."""
+
+
+@dataclass
+class NodeInfo:
+    node_id: int
+    partition_id: int
+    num_partitions: int
+    domain: str
+    role: str
+    class_names: list[str]
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"p{self.partition_id}:{self.domain}"
+
+
+class NodeRegistry:
+    def __init__(self, info_timeout: float = 600.0):
+        self.info: dict[int, NodeInfo] = {}
+        self.failed: dict[int, str] = {}
+        self.info_timeout = info_timeout
+
+    # ------------------------------------------------------------------ discovery
+    def wait_for_nodes(self, grid, minimum: int, timeout: float, poll: float = 1.0) -> list[int]:
+        """Wait (bounded) until ``minimum`` nodes are connected; FederationError on timeout."""
+        deadline = time.monotonic() + timeout
+        last_log = 0.0
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= minimum:
+                return nodes
+            if time.monotonic() > deadline:
+                raise FederationError(
+                    f"only {len(nodes)} of fl.min_available_nodes={minimum} SuperNodes connected within "
+                    f"fl.node_wait_timeout={timeout:g}s: start more SuperNodes (simulation: --federation-config "
+                    f"'num-supernodes={minimum}') or lower fl.min_available_nodes"
+                )
+            if time.monotonic() - last_log > 10:
+                log.info("waiting for SuperNodes: %d connected, %d needed", len(nodes), minimum)
+                last_log = time.monotonic()
+            time.sleep(poll)
+
+    def discover(self, grid, node_ids: Iterable[int] | None = None) -> list[NodeInfo]:
+        """Ask every node not yet known for its identity; returns the newly known ones."""
+        ids = sorted(grid.get_node_ids()) if node_ids is None else sorted(node_ids)
+        new = [n for n in ids if n not in self.info and n not in self.failed]
+        if not new:
+            return []
+        messages = [Message(RecordDict({"config": ConfigRecord({"action": "info"})}), dst_node_id=n, message_type="query") for n in new]
+        replies = list(grid.send_and_receive(messages, timeout=self.info_timeout))
+        added = []
+        answered = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            if msg.has_error():
+                self.failed[node] = msg.error.reason
+                log.error("node %d cannot join: %s", node, msg.error.reason)
+                continue
+            c = msg.content["client"]
+            info = NodeInfo(node, int(c["partition-id"]), int(c["num-partitions"]), str(c["domain"]), str(c["role"]),
+                            list(c["class-names"]), {s: int(c[f"{s}-size"]) for s in ("train", "val", "test")})
+            clash = [o for o in self.info.values() if o.partition_id == info.partition_id]
+            if clash:
+                raise FederationError(
+                    f"SuperNodes {clash[0].node_id} and {node} both hold partition {info.partition_id}: "
+                    "give every SuperNode its own partition-id in --node-config"
+                )
+            if self.info and list(self.info.values())[0].class_names != info.class_names:
+                raise FederationError(
+                    f"partition {info.partition_id} has classes {info.class_names[:5]}..., others "
+                    f"{list(self.info.values())[0].class_names[:5]}...: every client must read the same dataset"
+                )
+            self.info[node] = info
+            added.append(info)
+        for node in set(new) - answered:
+            log.warning("node %d did not answer the info query within %.0fs; it will be asked again", node, self.info_timeout)
+        for info in sorted(added, key=lambda i: i.partition_id):
+            log.info("node %d: partition %d/%d, domain %s, %s, train/val/test %d/%d/%d", info.node_id, info.partition_id,
+                     info.num_partitions, info.domain, info.role, info.sizes["train"], info.sizes["val"], info.sizes["test"])
+        return added
+
+    # ------------------------------------------------------------------ views
+    def _ordered(self, ids: Iterable[int]) -> list[int]:
+        return sorted((n for n in ids if n in self.info), key=lambda n: self.info[n].partition_id)
+
+    def seen(self, connected: Iterable[int]) -> list[int]:
+        return [n for n in self._ordered(connected) if self.info[n].role == "seen"]
+
+    def unseen(self, connected: Iterable[int]) -> list[int]:
+        return [n for n in self._ordered(connected) if self.info[n].role == "unseen"]
+
+    def class_names(self) -> list[str]:
+        if not self.info:
+            raise FederationError("no SuperNode answered the info query; see the node errors above")
+        return next(iter(self.info.values())).class_names
+
+    def num_seen(self) -> int:
+        return sum(1 for i in self.info.values() if i.role == "seen")
+
+
+class GridView:
+    """A Grid restricted to some nodes (ordered by partition): Flower's samplers see only these.
+
+    ``get_node_ids`` gives the currently connected allowed nodes. Flower's sampler waits, without a
+    bound, for enough nodes; this view turns a wait longer than ``timeout`` into a FederationError.
+    """
+
+    def __init__(self, grid, allowed: Iterable[int], minimum: int, timeout: float):
+        self._grid = grid
+        self._allowed = list(allowed)
+        self._minimum = minimum
+        self._timeout = timeout
+        self._since: float | None = None
+
+    def get_node_ids(self) -> list[int]:
+        connected = set(self._grid.get_node_ids())
+        ids = [n for n in self._allowed if n in connected]
+        if len(ids) < self._minimum:
+            self._since = self._since or time.monotonic()
+            if time.monotonic() - self._since > self._timeout:
+                raise FederationError(
+                    f"only {len(ids)} eligible SuperNodes connected, {self._minimum} needed this round "
+                    f"(waited {self._timeout:g}s): restart the missing SuperNodes or lower fl.min_train_nodes"
+                )
+        else:
+            self._since = None
+        return ids
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)

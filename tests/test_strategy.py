@@ -1,0 +1,177 @@
+"""fedcal's strategy as a unit: reply validation, exact pooling, sampling, records, state."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from common import config
+from common.calibration import CalibrationStats
+from server.monitoring import Monitor
+from server.nodes import NodeInfo, NodeRegistry
+from server.records import RunDirectory, read_records
+from server.strategy import build_strategy
+from tests.flower_helpers import error_reply, reply, set_identity
+
+GLOBAL = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.ones(3, dtype=np.float32)}
+CLASSES = ["a", "b", "c"]
+
+
+def registry(n_seen=4, n_unseen=1, offset=100):
+    reg = NodeRegistry()
+    for p in range(n_seen + n_unseen):
+        node = offset + 7 * (n_seen + n_unseen - p)  # node ids in the reverse order of partitions
+        reg.info[node] = NodeInfo(node, p, n_seen + n_unseen, f"d{p}", "seen" if p < n_seen else "unseen", CLASSES, {"train": 10, "val": 5, "test": 5})
+    return reg
+
+
+def make(tmp_path, reg=None, **overrides):
+    cfg = config.load(None, output__dir=str(tmp_path), output__run_name="unit", monitoring__enabled=False, **overrides)
+    run = RunDirectory.create(cfg)
+    reg = reg or registry()
+    strategy = build_strategy(cfg, run, reg, Monitor(cfg, run.name))
+    strategy.reference = {k: v.copy() for k, v in GLOBAL.items()}
+    strategy.sampled["train"] = set(reg.seen(reg.info))
+    return strategy, run, reg
+
+
+def client_state(seed):
+    rng = np.random.default_rng(seed)
+    return {k: (v + rng.normal(size=v.shape)).astype(np.float32) for k, v in GLOBAL.items()}
+
+
+def test_bad_replies_are_rejected_and_the_round_completes(tmp_path):
+    strategy, run, reg = make(tmp_path, fl__max_update_norm=100.0, fl__min_train_nodes=2)
+    seen = reg.seen(reg.info)
+    honest = {seen[0]: client_state(1), seen[1]: client_state(2)}
+    bad_nan = client_state(3)
+    bad_nan["w"][0, 0] = np.nan
+    bad_shape = {"w": np.zeros((3, 3), np.float32), "b": GLOBAL["b"]}
+    extra = {**client_state(4), "bogus": np.zeros(1, np.float32)}
+    huge = {k: v + 1e6 for k, v in GLOBAL.items()}
+    replies = [reply(n, s, {"num-examples": 10 * (i + 1), "uniform-weight": 1}) for i, (n, s) in enumerate(honest.items())]
+    replies += [reply(seen[2], bad_nan, {"num-examples": 10, "uniform-weight": 1}),
+                reply(seen[3], bad_shape, {"num-examples": 10, "uniform-weight": 1}),
+                reply(999, extra, {"num-examples": 10, "uniform-weight": 1}),
+                reply(998, huge, {"num-examples": 10, "uniform-weight": 1}),
+                error_reply(997, "partition 9: data folder missing")]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    expected = {k: (10 * honest[seen[0]][k] + 20 * honest[seen[1]][k]) / 30 for k in GLOBAL}
+    for k in GLOBAL:
+        assert np.isfinite(arrays[k].numpy()).all()
+        assert np.allclose(arrays[k].numpy(), expected[k], atol=1e-6)
+    rows = read_records(run.path)
+    reasons = sorted(r["reason"] for r in rows if r["kind"] == "rejected")
+    assert reasons == ["keys", "non-finite", "norm", "shape"]
+    assert [r["reason"] for r in rows if r["kind"] == "failed"] == ["partition 9: data folder missing"]
+    assert strategy.totals["rejected"] == {"non-finite": 1, "shape": 1, "keys": 1, "norm": 1}
+
+
+def test_too_few_valid_replies_keep_the_global_state(tmp_path):
+    strategy, run, reg = make(tmp_path, fl__min_train_nodes=3)
+    seen = reg.seen(reg.info)
+    replies = [reply(seen[0], client_state(1), {"num-examples": 5, "uniform-weight": 1})]
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    rows = read_records(run.path)
+    assert {r["partition"] for r in rows if r["kind"] == "missing"} == {1, 2, 3}
+
+
+def test_uniform_weighting(tmp_path):
+    strategy, _, reg = make(tmp_path, fl__weighting="uniform")
+    seen = reg.seen(reg.info)
+    a, b = client_state(1), client_state(2)
+    arrays, _ = strategy.aggregate_train(1, [reply(seen[0], a, {"num-examples": 1, "uniform-weight": 1}), reply(seen[1], b, {"num-examples": 99, "uniform-weight": 1})])
+    assert np.allclose(arrays["w"].numpy(), (a["w"] + b["w"]) / 2, atol=1e-6)
+
+
+def eval_metrics(logits, labels, prefix):
+    from client.train import evaluate_logits
+
+    return {**evaluate_logits(prefix.rstrip("-"), logits, labels, 15).metrics(prefix), "num-examples": len(labels)}
+
+
+def test_pooled_evaluation_is_exact_and_recorded(tmp_path):
+    strategy, run, reg = make(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(n, 3, generator=g) * 3 for n in (17, 5, 30, 11, 23)]
+    labels = [torch.randint(0, 3, (len(x),), generator=g) for x in logits]
+    replies = []
+    for node, x, y in zip(sorted(reg.info, key=lambda n: reg.info[n].partition_id), logits, labels):
+        info = reg.info[node]
+        replies.append(reply(node, None, eval_metrics(x, y, "test-"), client={"partition-id": info.partition_id, "domain": info.domain, "role": info.role}, message_type="evaluate"))
+    strategy.sampled["evaluate"] = set(reg.info)
+    strategy.aggregate_evaluate(1, replies)
+    rows = read_records(run.path)
+    pooled = next(r for r in rows if r["kind"] == "pooled" and r["split"] == "test")
+    concat = CalibrationStats.from_logits(torch.cat(logits), torch.cat(labels), n_bins=15)
+    assert pooled["ece"] == pytest.approx(concat.ece(), abs=1e-12)
+    assert pooled["nll"] == pytest.approx(concat.nll(), abs=1e-12)
+    assert pooled["clients"] == 5 and pooled["n"] == 86
+    summed = sum(CalibrationStats.from_metrics(r["stats"]) for r in rows if r["kind"] == "client")
+    assert summed.ece() == pytest.approx(pooled["ece"], abs=1e-12)
+    unseen = next(r for r in rows if r["kind"] == "group" and r["group"] == "unseen")
+    assert unseen["n"] == 23 and unseen["clients"] == 1
+    assert len([r for r in rows if r["kind"] == "domain"]) == 5
+    json.dumps(rows)  # every line is plain JSON
+
+
+class FakeGrid:
+    """The node list of a SuperLink (unit test of sampling only)."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_node_ids(self):
+        return list(self.ids)
+
+
+def test_sampling_is_seeded_by_partition_and_never_picks_unseen(tmp_path):
+    set_identity()
+    picks = []
+    for offset in (100, 5000):  # different node ids, same partitions
+        reg = registry(n_seen=6, n_unseen=2, offset=offset)
+        strategy, _, _ = make(tmp_path / str(offset), reg=reg, fl__fraction_train=0.5)
+        strategy.registry.discover = lambda grid: []
+        arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+        msgs = strategy.configure_train(3, arrays, ConfigRecord({}), FakeGrid(reg.info))
+        parts = sorted(reg.info[m.metadata.dst_node_id].partition_id for m in msgs)
+        assert len(parts) == 3 and all(p < 6 for p in parts)
+        picks.append(parts)
+        evals = strategy.configure_evaluate(3, arrays, ConfigRecord({}), FakeGrid(reg.info))
+        assert {6, 7} <= {reg.info[m.metadata.dst_node_id].partition_id for m in evals}
+    assert picks[0] == picks[1]
+
+
+def test_strategy_state_round_trip(tmp_path):
+    strategy, _, _ = make(tmp_path, fl__aggregator="fedadam")
+    strategy.m_t = {"w": np.ones((2, 3))}
+    strategy.v_t = {"w": np.full((2, 3), 2.0)}
+    saved = strategy.strategy_arrays()
+    fresh, _, _ = make(tmp_path / "b", fl__aggregator="fedadam")
+    fresh.load_strategy_arrays(saved)
+    assert np.array_equal(fresh.m_t["w"], strategy.m_t["w"]) and np.array_equal(fresh.v_t["w"], strategy.v_t["w"])
+    m, _, _ = make(tmp_path / "c", fl__aggregator="fedavgm", fl__server_momentum=0.9)
+    m.momentum_vector = [np.ones(2), np.zeros(3)]
+    again, _, _ = make(tmp_path / "d", fl__aggregator="fedavgm", fl__server_momentum=0.9)
+    again.load_strategy_arrays(m.strategy_arrays())
+    assert [a.tolist() for a in again.momentum_vector] == [[1.0, 1.0], [0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("aggregator", ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum", "feddyn", "fednova"])
+def test_every_aggregator_aggregates_valid_replies(tmp_path, aggregator):
+    set_identity()
+    strategy, _, reg = make(tmp_path, fl__aggregator=aggregator)
+    strategy.registry.discover = lambda grid: []
+    arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    config_record = ConfigRecord({})
+    msgs = strategy.configure_train(1, arrays, config_record, FakeGrid(reg.info))
+    if aggregator == "fedprox":
+        assert config_record["proximal-mu"] == 0.01
+    replies = [reply(m.metadata.dst_node_id, client_state(i), {"num-examples": 10, "uniform-weight": 1, "fednova-a": 3.0}) for i, m in enumerate(msgs)]
+    out, _ = strategy.aggregate_train(1, replies)
+    assert out is not None and all(np.isfinite(a.numpy()).all() and a.numpy().shape == GLOBAL[k].shape for k, a in out.items())
