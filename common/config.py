@@ -463,6 +463,11 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+def to_toml(flat: dict[str, Any]) -> str:
+    """Flattened keys as a TOML document with quoted dotted keys (what ``flwr run`` reads back)."""
+    return "\n".join(f'"{k}" = {_toml_value(v)}' for k, v in flat.items()) + "\n"
+
+
 def defaults_toml(root: str = "tool.flwr.app.config") -> str:
     """Every key with its default as TOML tables under ``root`` (pyproject.toml embeds it)."""
     lines: list[str] = []

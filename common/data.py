@@ -48,11 +48,12 @@ class DatasetSpec:
     label: str = "label"
     domain: str | None = None
     num_classes: int = 0  # 0 = unknown until loaded
+    num_domains: int = 1
 
 
 REGISTRY: dict[str, DatasetSpec] = {
-    "pacs": DatasetSpec("flwrlabs/pacs", domain="domain", num_classes=7),
-    "office-home": DatasetSpec("flwrlabs/office-home", domain="domain", num_classes=65),
+    "pacs": DatasetSpec("flwrlabs/pacs", domain="domain", num_classes=7, num_domains=4),
+    "office-home": DatasetSpec("flwrlabs/office-home", domain="domain", num_classes=65, num_domains=4),
     "cifar10": DatasetSpec("uoft-cs/cifar10", image="img", label="label", num_classes=10),
     "cifar100": DatasetSpec("uoft-cs/cifar100", image="img", label="fine_label", num_classes=100),
     "imagefolder": DatasetSpec(""),
@@ -219,6 +220,17 @@ def _quiet():
         natural.tqdm = bar
         if enabled:
             datasets.utils.logging.enable_progress_bar()
+
+
+def count_partitions(cfg: DataConfig, data_dir: str = "") -> int | None:
+    """Clients a domain partitioner defines, without loading the hub dataset (None: not fixed)."""
+    if cfg.partitioner not in ("domain", "domain-dirichlet"):
+        return None
+    if data_dir or cfg.path:
+        domains = load_source(cfg, data_dir).domain_names()
+    else:
+        domains = ["d"] * REGISTRY.get(cfg.dataset, DatasetSpec("")).num_domains
+    return expected_partitions(cfg, domains)
 
 
 def _light_table(labels: np.ndarray, domains: np.ndarray, rows: np.ndarray, seed: int):
