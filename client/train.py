@@ -56,7 +56,7 @@ class SplitInputs:
             key = cache_key(cfg.model.name, cfg.model.pretrained, cfg.model.precision, device, data, split, transform)
             self.embeddings, _, self.cache_hit = cached_embeddings(
                 method, data, split, transform, device, lambda: autocast(cfg.model.precision, device),
-                cache_dir=Path(cache_dir), key=key, batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.num_workers,
+                cache_dir=Path(cache_dir), key=key, batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.loader_workers(device.type),
             )
 
     def __len__(self) -> int:
@@ -76,7 +76,7 @@ class SplitInputs:
             return
         loader = torch.utils.data.DataLoader(
             self.data.dataset(self.split, self.transform), batch_size=batch_size, shuffle=shuffle,
-            generator=generator, num_workers=self.cfg.data.num_workers,
+            generator=generator, num_workers=self.cfg.data.loader_workers(self.device.type),
         )
         for images, labels in loader:
             yield images.to(self.device), labels.long().to(self.device)

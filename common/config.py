@@ -153,7 +153,12 @@ class DataConfig(_Section):
     augment: Literal["auto", "rrc-flip", "none"] = Field("auto", description="Train augmentation: auto = none for adapter/linear/zeroshot (FedCLIP), random-resized-crop + flip otherwise.")
     cache_dir: str = Field("~/.cache/fedcal", description="Per-node cache for frozen image features and large client state.")
     feature_cache: bool = Field(True, description="Cache frozen image embeddings for methods whose image tower is frozen.")
-    num_workers: int = Field(0, ge=0, description="DataLoader workers.")
+    num_workers: int = Field(-1, ge=-1, description="DataLoader workers decoding images; -1 = auto: 0 on a CPU device, min(8, CPUs/2) when training on a GPU (there the input pipeline, not the step, bounds LoRA training).")
+
+    def loader_workers(self, device_type: str) -> int:
+        if self.num_workers >= 0:
+            return self.num_workers
+        return 0 if device_type == "cpu" else max(0, min(8, (os.cpu_count() or 2) // 2))
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -392,10 +397,10 @@ def parse_overrides(spec: str | os.PathLike[str] | None) -> dict[str, Any]:
 
     Uses Flower's own parser so that fedcal's CLI and ``flwr run`` agree exactly.
     """
-    from flwr.common.config import parse_config_args
-
     if spec is None or str(spec).strip() == "":
         return {}
+    from flwr.common.config import parse_config_args
+
     spec = str(spec)
     if spec.endswith(".toml"):
         path = Path(spec).expanduser()
