@@ -11,13 +11,13 @@ import json
 import sys
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="fedcal: calibrated federated fine-tuning of CLIP on Flower.")
 
-RunConfigOpt = Annotated[Optional[str], typer.Option("--run-config", "-c", help="TOML preset path or 'key=value ...' pairs, as for `flwr run`.")]
+RunConfigOpt = Annotated[str | None, typer.Option("--run-config", "-c", help="TOML preset path or 'key=value ...' pairs, as for `flwr run`.")]
 
 
 def user_errors(fn):
@@ -207,8 +207,9 @@ def train_local(
     data_dir: Annotated[str, typer.Option("--data-dir")] = "",
 ) -> None:
     """Train one client centrally for a few rounds and print loss, accuracy and ECE (a sanity check)."""
-    from . import config
     from client.runtime import ClientRuntime
+
+    from . import config
 
     cfg = config.load(run_config)
     node = config.parse_node_config({"partition-id": partition_id, "num-partitions": num_partitions, "data-dir": data_dir})
@@ -236,8 +237,8 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder (output.di
 @app.command("run", context_settings={"allow_extra_args": False})
 @user_errors
 def run_cmd(
-    preset: Annotated[Optional[str], typer.Argument(help="A TOML preset (configs/*.toml); omit for the defaults.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides layered over the preset, e.g. fl.aggregator=\"fedprox\".")] = None,
+    preset: Annotated[str | None, typer.Argument(help="A TOML preset (configs/*.toml); omit for the defaults.")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides layered over the preset, e.g. fl.aggregator=\"fedprox\".")] = None,
     connection: Annotated[str, typer.Option("--connection", help="flwr SuperLink connection (default: flwr's default, the local simulation).")] = "",
     federation_config: Annotated[str, typer.Option("--federation-config", help="Passed to flwr run; default for simulations: num-supernodes from the config.")] = "",
     app_dir: Annotated[str, typer.Option("--app", help="The fedcal app folder (with pyproject.toml).")] = ".",
@@ -277,6 +278,134 @@ def run_cmd(
     finally:
         os.unlink(path)
     raise typer.Exit(code)
+
+
+# ------------------------------------------------------------------------------ deployment
+@app.command()
+@user_errors
+def certs(
+    out: Annotated[Path, typer.Option("--out", help="Folder for ca.crt, server.pem/.key and supernode-<i> keys.")] = Path("certs"),
+    san: Annotated[list[str] | None, typer.Option("--san", help="A name or IP address clients dial (repeat).")] = None,
+    supernodes: Annotated[int, typer.Option("--supernodes", help="SuperNode key pairs to create.")] = 0,
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+) -> None:
+    """Create a CA, the SuperLink TLS certificate and ECDSA SuperNode keys (OpenSSH format)."""
+    from deploy.certs import generate
+
+    names = san or ["localhost", "127.0.0.1"]
+    paths = generate(out, names, supernodes, days)
+    typer.echo(f"wrote {len(paths)} files to {out} (SuperLink certificate for: {', '.join(names)})")
+    typer.echo(f"  SuperLink : fedcal superlink --certs {out} --supernode-auth")
+    for i in range(supernodes):
+        typer.echo(f"  register  : flwr supernode register {out}/supernode-{i}.pub <connection>")
+    typer.echo(f"  SuperNode : fedcal node --superlink <host>:8000 --root-certificates {out}/ca.crt --auth-key {out}/supernode-<i> ...")
+
+
+@app.command()
+@user_errors
+def superlink(
+    host: Annotated[str, typer.Option(help="Bind address (0.0.0.0 to accept other machines).")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="The one HTTP(S) port of the SuperLink (Fleet, Control, Runtime APIs).")] = 8000,
+    certs_dir: Annotated[Path | None, typer.Option("--certs", help="Folder from `fedcal certs` (ca.crt, server.pem, server.key); omit for --insecure.")] = None,
+    supernode_auth: Annotated[bool, typer.Option("--supernode-auth", help="Only registered SuperNode keys may connect (needs --certs).")] = False,
+    database: Annotated[str, typer.Option(help="SQLite state file (survives restarts).")] = "state/state.db",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the flower-superlink command only.")] = False,
+) -> None:
+    """Check the inputs, then run flower-superlink with Flower 1.42 flags."""
+    import os
+
+    from deploy import preflight
+    from deploy.commands import TLSFiles, superlink_args
+
+    tls = None
+    if certs_dir is not None:
+        tls = TLSFiles.in_folder(certs_dir)
+        preflight.check_certificate(tls.ca, "--certs (ca.crt)")
+        preflight.check_file(tls.server_cert, "--certs (server.pem)", "run `fedcal certs --out DIR --san <host>` first")
+        preflight.check_file(tls.server_key, "--certs (server.key)", "run `fedcal certs --out DIR --san <host>` first")
+    elif supernode_auth:
+        raise preflight.PreflightError("--supernode-auth needs TLS: pass --certs DIR (create it with `fedcal certs`)")
+    args = superlink_args(host=host, port=port, database=database, tls=tls, supernode_auth=supernode_auth)
+    typer.echo(" ".join(args), err=True)
+    if dry_run:
+        return
+    preflight.port_free(host, port, "--port")
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    os.execvp(args[0], args)
+
+
+@app.command()
+@user_errors
+def node(
+    superlink_address: Annotated[str, typer.Option("--superlink", help="host:port of the SuperLink.")],
+    partition_id: Annotated[int | None, typer.Option("--partition-id", help="This node's partition (0..n-1).")] = None,
+    num_partitions: Annotated[int | None, typer.Option("--num-partitions", help="Number of SuperNodes in the federation.")] = None,
+    data_dir: Annotated[str, typer.Option("--data-dir", help="Local image folder (overrides data.path).")] = "",
+    root_certificates: Annotated[Path | None, typer.Option("--root-certificates", help="CA certificate (ca.crt); omit for --insecure.")] = None,
+    auth_key: Annotated[Path | None, typer.Option("--auth-key", help="This node's registered private key (supernode-<i>).")] = None,
+    port: Annotated[int, typer.Option(help="This node's runtime API port.")] = 9094,
+    host: Annotated[str, typer.Option(help="This node's runtime API bind address (0.0.0.0 in containers).")] = "127.0.0.1",
+    role: Annotated[str, typer.Option(help="auto, seen or unseen (held out).")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N (overrides model.device).")] = "",
+    isolation: Annotated[str, typer.Option(help="subprocess (the node runs ClientApps) or process (a flower-superexec does).")] = "subprocess",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and print the flower-supernode command only.")] = False,
+) -> None:
+    """Check the inputs (address, certificate, key, node config), then run flower-supernode."""
+    import os
+
+    from deploy import preflight
+    from deploy.commands import node_config_string, supernode_args
+
+    preflight.check_node(partition_id, num_partitions, data_dir)
+    if role not in ("auto", "seen", "unseen"):
+        raise preflight.PreflightError(f"--role {role!r} must be auto, seen or unseen")
+    if root_certificates is not None:
+        preflight.check_certificate(root_certificates)
+    if auth_key is not None:
+        if root_certificates is None:
+            raise preflight.PreflightError("--auth-key needs TLS: pass --root-certificates ca.crt")
+        preflight.check_private_key(auth_key)
+    preflight.parse_address(superlink_address)
+    extra = {"role": role if role != "auto" else "", "device": device}
+    args = supernode_args(superlink=superlink_address, node_config=node_config_string(partition_id, num_partitions, data_dir, **extra),
+                          host=host, port=port, root_certificates=root_certificates, auth_key=auth_key, isolation=isolation)
+    typer.echo(" ".join(args), err=True)
+    preflight.check_superlink(superlink_address, root_certificates)
+    if dry_run:
+        return
+    os.execvp(args[0], args)
+
+
+@app.command()
+@user_errors
+def cluster(
+    supernodes: Annotated[int, typer.Option("--supernodes", "-n", help="SuperNodes to start (node i holds partition i).")] = 4,
+    data_dir: Annotated[str, typer.Option("--data-dir", help="Local image folder every node reads.")] = "",
+    port: Annotated[int, typer.Option(help="SuperLink port.")] = 8000,
+    node_port: Annotated[int, typer.Option("--node-port", help="First SuperNode runtime API port.")] = 9094,
+    tls: Annotated[bool, typer.Option("--tls", help="TLS + SuperNode authentication (creates and registers keys).")] = False,
+    work_dir: Annotated[Path, typer.Option("--work-dir", help="State, certificates and logs.")] = Path(".fedcal-cluster"),
+) -> None:
+    """Start a local deployment (SuperLink + N SuperNodes, real processes) until Ctrl-C."""
+    import time
+
+    from deploy.cluster import start_cluster
+
+    if not data_dir:
+        raise typer.BadParameter("pass --data-dir, the image folder every SuperNode reads (e.g. pacs-mini)")
+    c = start_cluster(work_dir, supernodes, data_dir, port=port, node_port=node_port, tls=tls)
+    typer.echo(f"SuperLink {c.address} ({'TLS + SuperNode auth' if tls else 'insecure'}) and {supernodes} SuperNodes are up; logs in {work_dir}/logs")
+    typer.echo(f"submit a run:  flwr run . {c.connection} --stream --run-config configs/offline-smoke.toml")
+    typer.echo("Ctrl-C stops everything.")
+    try:
+        while all(p.poll() is None for p in c.processes.values()):
+            time.sleep(1)
+        dead = [n for n, p in c.processes.items() if p.poll() is not None]
+        typer.secho(f"error: {', '.join(dead)} exited; see {work_dir}/logs", fg=typer.colors.RED, err=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        c.stop()
 
 
 def main() -> None:

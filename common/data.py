@@ -207,7 +207,6 @@ def expected_partitions(cfg: DataConfig, domains: list[str]) -> int | None:
 def _quiet():
     """Silence the progress bars datasets and flwr-datasets print while partitioning."""
     import datasets
-
     import flwr_datasets.partitioner.natural_id_partitioner as natural
 
     enabled = datasets.utils.logging.is_progress_bar_enabled()
@@ -259,7 +258,11 @@ def partition_rows(source: Source, cfg: DataConfig, num_partitions: int) -> list
 
 
 def _partition_rows(source: Source, cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:
-    from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import (
+        IidPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+    )
 
     domains = source.domain_names()
     expected = expected_partitions(cfg, domains)

@@ -180,7 +180,8 @@ def load_clip(
         raise HubUnavailable(f"loading CLIP {name} with pretrained={pretrained!r} failed: {first}") from None
     model.eval()
     model.fedcal_precision = precision  # type: ignore[attr-defined]
-    tokenizer = open_clip.get_tokenizer(name)
+    with _no_root_basicconfig():
+        tokenizer = open_clip.get_tokenizer(name)
     return LoadedClip(model, preprocess_train, preprocess_eval, tokenizer)
 
 

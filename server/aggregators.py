@@ -64,7 +64,7 @@ class FedNova(FedAvg):
         tau_eff = float(np.dot(p, a))
         w = {k: v.astype(np.float64) for k, v in self.current_arrays.items()}
         direction = {k: np.zeros_like(v) for k, v in w.items()}
-        for pi, ai, msg in zip(p, a, valid):
+        for pi, ai, msg in zip(p, a, valid, strict=True):
             for k, wi in _arrays(msg).items():
                 direction[k] += pi * (w[k] - wi) / ai
         new = {k: w[k] - self.server_learning_rate * tau_eff * direction[k] for k in w}
@@ -105,7 +105,7 @@ class FedDyn(FedAvg):
             self.h = {k: np.zeros_like(v) for k, v in w_prev.items()}
         mean = {k: np.zeros_like(v) for k, v in w_prev.items()}
         delta_sum = {k: np.zeros_like(v) for k, v in w_prev.items()}
-        for pk, msg in zip(p, valid):
+        for pk, msg in zip(p, valid, strict=True):
             for k, wk in _arrays(msg).items():
                 mean[k] += pk * wk
                 delta_sum[k] += wk - w_prev[k]

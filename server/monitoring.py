@@ -61,6 +61,10 @@ class Monitor:
         self.rounds_total.labels(self.run).set(cfg.fl.rounds)
         for reason in ("keys", "shape", "dtype", "non-finite", "norm", "format", "aggregate"):
             self.rejected.labels(self.run, reason)
+        for phase in ("train", "evaluate"):  # zero series exist from the start, so dashboards show 0, not "no data"
+            self.missing.labels(self.run, phase)
+            self.failed.labels(self.run, phase)
+        self.failed.labels(self.run, "join")
         try:
             self._server, _ = start_http_server(self.cfg.port, addr=self.cfg.host, registry=r)
             self.port = self._server.server_address[1]

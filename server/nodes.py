@@ -22,6 +22,19 @@ class FederationError(RuntimeError):
     """The federation cannot run as configured; ``str(err)`` is one line that says why."""
 
 
+def reply_source(msg: Message, sent: list[Message]) -> int:
+    """The node a reply is about. Error replies the SuperLink itself generates (e.g. "node
+    unavailable" after missed heartbeats) come from the SuperLink's own id; map them back to the
+    destination of the message they answer (the Grid sets message ids when it pushes)."""
+    node = msg.metadata.src_node_id
+    if any(m.metadata.dst_node_id == node for m in sent):
+        return node
+    for m in sent:
+        if m.metadata.message_id and m.metadata.message_id == msg.metadata.reply_to_message_id:
+            return m.metadata.dst_node_id
+    return node
+
+
 @dataclass
 class NodeInfo:
     node_id: int
@@ -74,7 +87,7 @@ class NodeRegistry:
         added = []
         answered = set()
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = reply_source(msg, messages)
             answered.add(node)
             if msg.has_error():
                 self.failed[node] = msg.error.reason

@@ -30,7 +30,17 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+)
 
 from common.config import RunConfig
 from common.tensors import from_record, record_nbytes, validate_update
@@ -38,7 +48,7 @@ from common.tensors import from_record, record_nbytes, validate_update
 from . import checkpoint
 from .aggregators import FedDyn, FedNova
 from .monitoring import Monitor
-from .nodes import GridView, NodeRegistry
+from .nodes import GridView, NodeRegistry, reply_source
 from .records import ClientEval, RunDirectory, parse_eval_reply, pool
 from .temperature import fit_global_temperature
 
@@ -71,6 +81,7 @@ class FedCalMixin:
         self.round_offset = round_offset
         self.reference: dict[str, np.ndarray] = {}
         self.sampled: dict[str, set[int]] = {"train": set(), "evaluate": set()}
+        self.sent: dict[str, list[Message]] = {"train": [], "evaluate": []}
         self.round_bytes = [0, 0]  # sent, received
         self.round_started = time.monotonic()
         self.round_notes: dict[str, Any] = {}
@@ -81,6 +92,7 @@ class FedCalMixin:
         self.temperature: dict[str, Any] = {"mode": cfg.eval.temperature_scaling, "value": None, "round": None}
         self.t_start = time.monotonic()
         self.extra_meta: dict[str, Any] = {}
+        self.join_failures_recorded: set[int] = set()
 
     # ------------------------------------------------------------------ helpers
     def true_round(self, server_round: int) -> int:
@@ -92,6 +104,15 @@ class FedCalMixin:
     def _ident(self, node: int) -> dict[str, Any]:
         info = self._info(node)
         return {"node_id": node, "partition": info.partition_id if info else None, "domain": info.domain if info else None, "role": info.role if info else None}
+
+    def record_join_failures(self, rnd: int) -> None:
+        """Nodes whose identity query failed (e.g. a node config without partition-id): record once."""
+        new = {n: r for n, r in self.registry.failed.items() if n not in self.join_failures_recorded}
+        for node, reason in new.items():
+            self.run.write([{"kind": "failed", "round": rnd, "phase": "join", "node_id": node, "partition": None, "domain": None, "role": None, "reason": reason}])
+            self.monitor.count("failed", "join")
+            self.totals["failed"] += 1
+            self.join_failures_recorded.add(node)
 
     def _sample(self, call, rnd: int):
         """Run Flower's (random.sample based) node sampling under a per-round seed."""
@@ -109,12 +130,14 @@ class FedCalMixin:
         self.round_bytes = [0, 0]
         self.round_notes = {}
         self.registry.discover(grid)
+        self.record_join_failures(rnd)
         self.reference = {k: v.numpy() for k, v in arrays.items()}
         config["run-name"] = self.run.name
         seen = self.registry.seen(grid.get_node_ids())
         view = GridView(grid, seen, minimum=self.min_train_nodes, timeout=self.cfg.fl.node_wait_timeout)
         messages = self._sample(lambda: super(FedCalMixin, self).configure_train(rnd, arrays, config, view), rnd)
         self.sampled["train"] = {m.metadata.dst_node_id for m in messages}
+        self.sent["train"] = messages
         self.round_bytes[0] += record_nbytes(arrays) * len(messages)
         return messages
 
@@ -123,7 +146,7 @@ class FedCalMixin:
         replies = list(replies)
         rows, valid = [], []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = reply_source(msg, self.sent["train"])
             ident = self._ident(node)
             if msg.has_error():
                 rows.append({"kind": "failed", "round": rnd, "phase": "train", **ident, "reason": msg.error.reason})
@@ -151,7 +174,7 @@ class FedCalMixin:
             if self._info(node):
                 self.monitor.client_train(rnd, self._info(node), metrics, nbytes)
             valid.append(msg)
-        replied = {m.metadata.src_node_id for m in replies}
+        replied = {reply_source(m, self.sent["train"]) for m in replies}
         for node in sorted(self.sampled["train"] - replied):
             rows.append({"kind": "missing", "round": rnd, "phase": "train", **self._ident(node)})
             self.monitor.count("missing", "train")
@@ -183,6 +206,7 @@ class FedCalMixin:
         if not self.evaluates(rnd):
             return []
         self.registry.discover(grid)
+        self.record_join_failures(rnd)
         connected = list(grid.get_node_ids())
         seen, unseen = self.registry.seen(connected), self.registry.unseen(connected)
         mode = self.cfg.eval.temperature_scaling
@@ -205,6 +229,7 @@ class FedCalMixin:
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         messages += [Message(content=record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in unseen]
         self.sampled["evaluate"] = {m.metadata.dst_node_id for m in messages}
+        self.sent["evaluate"] = messages
         self.round_bytes[0] += record_nbytes(arrays) * len(messages)
         return messages
 
@@ -217,7 +242,7 @@ class FedCalMixin:
         evals: list[ClientEval] = []
         mode = self.cfg.eval.temperature_scaling
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = reply_source(msg, self.sent["evaluate"])
             if msg.has_error():
                 rows.append({"kind": "failed", "round": rnd, "phase": "evaluate", **self._ident(node), "reason": msg.error.reason})
                 self.monitor.count("failed", "evaluate")
@@ -229,7 +254,7 @@ class FedCalMixin:
             except (KeyError, ValueError) as err:
                 rows.append({"kind": "rejected", "round": rnd, **self._ident(node), "reason": "format", "detail": f"evaluation reply: {err}"})
                 self.monitor.count("rejected", "format")
-        replied = {m.metadata.src_node_id for m in replies}
+        replied = {reply_source(m, self.sent["evaluate"]) for m in replies}
         for node in sorted(self.sampled["evaluate"] - replied):
             rows.append({"kind": "missing", "round": rnd, "phase": "evaluate", **self._ident(node)})
             self.monitor.count("missing", "evaluate")

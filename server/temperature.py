@@ -18,6 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from common.calibration import default_temperature_grid
 
+from .nodes import reply_source
+
 log = logging.getLogger("flwr.fedcal")
 
 
@@ -52,12 +54,12 @@ def fit_global_temperature(grid_api, node_ids: list[int], arrays: ArrayRecord, t
     errors: dict[int, str] = {}
     for msg in grid_api.send_and_receive(messages, timeout=timeout):
         if msg.has_error():
-            errors[msg.metadata.src_node_id] = msg.error.reason
+            errors[reply_source(msg, messages)] = msg.error.reason
             continue
         m = msg.content["metrics"]
         sums = np.asarray(m["nll-sums"], dtype=np.float64)
         if sums.shape != total.shape or not np.isfinite(sums).all():
-            errors[msg.metadata.src_node_id] = "malformed nll-sums"
+            errors[reply_source(msg, messages)] = "malformed nll-sums"
             continue
         total += sums
         examples += int(m["num-examples"])

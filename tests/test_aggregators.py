@@ -36,7 +36,7 @@ def test_fednova_with_equal_steps_is_fedavg():
 
     rng = np.random.default_rng(0)
     clients = [{k: (v + rng.normal(size=v.shape)).astype(np.float32) for k, v in W.items()} for _ in range(3)]
-    replies = [reply(i + 1, c, {"num-examples": n, "fednova-a": 5.0}) for i, (c, n) in enumerate(zip(clients, (10, 20, 70)))]
+    replies = [reply(i + 1, c, {"num-examples": n, "fednova-a": 5.0}) for i, (c, n) in enumerate(zip(clients, (10, 20, 70), strict=True))]
     nova = FedNova(weighted_by_key="num-examples")
     prime(nova, W)
     a, _ = nova.aggregate_train(1, replies)

@@ -35,7 +35,7 @@ def test_partitions_cover_the_dataset_once_and_are_reproducible(tiny_cfg, partit
     everything = np.concatenate(parts)
     assert len(everything) == len(src) == len(set(everything.tolist()))
     again = partition_rows(load_source(cfg), cfg, n)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
     if partitioner == "domain-dirichlet":
         for p, rows in enumerate(parts):  # partition p holds domain p // 2 only
             assert set(src.domains[rows]) == {src.domain_names()[p // 2]}

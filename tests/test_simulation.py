@@ -17,7 +17,16 @@ from safetensors.numpy import load_file
 
 from common.calibration import CalibrationStats
 from server.records import read_records
-from tests.processes import ROOT, base_env, flwr, free_port, preset, processes, wait_healthy, write_connection
+from tests.processes import (
+    ROOT,
+    base_env,
+    flwr,
+    free_port,
+    preset,
+    processes,
+    wait_healthy,
+    write_connection,
+)
 
 pytestmark = pytest.mark.slow
 FEDERATION = "num-supernodes=4 client-resources-num-cpus=1"

@@ -101,7 +101,7 @@ def test_pooled_evaluation_is_exact_and_recorded(tmp_path):
     logits = [torch.randn(n, 3, generator=g) * 3 for n in (17, 5, 30, 11, 23)]
     labels = [torch.randint(0, 3, (len(x),), generator=g) for x in logits]
     replies = []
-    for node, x, y in zip(sorted(reg.info, key=lambda n: reg.info[n].partition_id), logits, labels):
+    for node, x, y in zip(sorted(reg.info, key=lambda n: reg.info[n].partition_id), logits, labels, strict=True):
         info = reg.info[node]
         replies.append(reply(node, None, eval_metrics(x, y, "test-"), client={"partition-id": info.partition_id, "domain": info.domain, "role": info.role}, message_type="evaluate"))
     strategy.sampled["evaluate"] = set(reg.info)
@@ -175,3 +175,26 @@ def test_every_aggregator_aggregates_valid_replies(tmp_path, aggregator):
     replies = [reply(m.metadata.dst_node_id, client_state(i), {"num-examples": 10, "uniform-weight": 1, "fednova-a": 3.0}) for i, m in enumerate(msgs)]
     out, _ = strategy.aggregate_train(1, replies)
     assert out is not None and all(np.isfinite(a.numpy()).all() and a.numpy().shape == GLOBAL[k].shape for k, a in out.items())
+
+
+def test_superlink_generated_error_replies_are_attributed_to_their_node(tmp_path):
+    """The SuperLink answers for a dead node ("node unavailable") from its own id; the record must
+    name the dead node, not the SuperLink."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    set_identity()
+    strategy, run, reg = make(tmp_path)
+    strategy.registry.discover = lambda grid: []
+    arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord({}), FakeGrid(reg.info)))
+    for i, m in enumerate(msgs):
+        m.metadata.__dict__["_message_id"] = f"id-{i}"  # what the Grid does when it pushes
+    dead = msgs[-1]
+    replies = [reply(m.metadata.dst_node_id, client_state(i), {"num-examples": 10, "uniform-weight": 1}) for i, m in enumerate(msgs[:-1])]
+    replies.append(create_message_error_unavailable_res_message(dead.metadata, "node_unavail"))
+    assert replies[-1].metadata.src_node_id != dead.metadata.dst_node_id
+    strategy.aggregate_train(1, replies)
+    rows = read_records(run.path)
+    failed = [r for r in rows if r["kind"] == "failed"]
+    assert [r["node_id"] for r in failed] == [dead.metadata.dst_node_id] and failed[0]["partition"] == reg.info[dead.metadata.dst_node_id].partition_id
+    assert not [r for r in rows if r["kind"] == "missing"]

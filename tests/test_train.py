@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from client.runtime import ClientRuntime
-from client.train import SplitInputs, evaluate_logits, fednova_normaliser, lr_factor, steps_per_round
+from client.train import (
+    SplitInputs,
+    evaluate_logits,
+    fednova_normaliser,
+    lr_factor,
+    steps_per_round,
+)
 from common import config
 from common.calibration import CalibrationStats
 
@@ -52,28 +58,29 @@ def test_calibration_penalties_compose(pacs_dir, tmp_path, penalty):
         out.metrics["train-base-loss"] + out.metrics["train-penalty"] + out.metrics["train-client-term"], rel=1e-5)
 
 
+def full_batch_loss(rt, inputs) -> float:
+    """Cross-entropy over the whole training split (plus KgCoOp's term), in eval mode."""
+    logits, labels = [], []
+    with torch.no_grad():
+        for x, y in inputs.batches(64):
+            logits.append(rt.method.logits_from_embeddings(inputs.embed(x)))
+            labels.append(y)
+        loss = torch.nn.functional.cross_entropy(torch.cat(logits), torch.cat(labels)).item()
+        return loss + (rt.method.regularizer().item() if rt.method.name == "kgcoop" else 0.0)
+
+
 def test_loss_goes_down_for_each_method(pacs_dir, tmp_path):
     """A short centralised run: full-batch training loss before vs after three rounds."""
     for name in METHODS:
         rt = runtime(pacs_dir, tmp_path, method__name=name, data__max_per_client=64, optim__local_steps=8,
                      optim__lr=3e-4 if name == "full" else 2e-2, data__augment="none")
         inputs = rt.inputs("train")
-
-        def full_batch_loss() -> float:
-            logits, labels = [], []
-            with torch.no_grad():
-                for x, y in inputs.batches(64):
-                    logits.append(rt.method.logits_from_embeddings(inputs.embed(x)))
-                    labels.append(y)
-            loss = torch.nn.functional.cross_entropy(torch.cat(logits), torch.cat(labels)).item()
-            return loss + (rt.method.regularizer().item() if name == "kgcoop" else 0.0)
-
         state = rt.method.trainable_state()
-        before = full_batch_loss()
+        before = full_batch_loss(rt, inputs)
         for r in (1, 2, 3):
             state = rt.train(state, server_round=r, fl_config={}).state
         rt.method.load_trainable_state(state)
-        after = full_batch_loss()
+        after = full_batch_loss(rt, inputs)
         assert after < before - 1e-3, f"{name}: loss {before:.4f} -> {after:.4f}"
 
 

@@ -8,8 +8,6 @@ when method.wise_alpha < 1.
 
 from __future__ import annotations
 
-import torch
-
 from .base import ClipMethod
 
 

@@ -1,0 +1,69 @@
+"""The exact Flower 1.42 command lines fedcal runs, in one place.
+
+``fedcal cluster``, ``fedcal superlink``, ``fedcal node``, the process-level tests and
+``docker/compose.yml`` all use these (a test checks that the compose services run exactly these
+commands). Flower 1.42: the SuperLink serves the Fleet, Control and Runtime APIs on one HTTP(S)
+port (default 8000, ``GET /health``); a SuperNode dials it with ``--superlink host:port`` and
+serves its own runtime API on ``--host``/``--port`` (default 9094); with ``--isolation process``
+a separate ``flower-superexec --runtime-api-address <superlink|supernode>:port`` runs the
+ServerApp or ClientApp processes (that is where fedcal and its GPU must be).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SUPERLINK_PORT = 8000
+SUPERNODE_PORT = 9094
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """The files ``fedcal certs`` writes (deploy/certs.py)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> TLSFiles:
+        folder = Path(folder)
+        return cls(folder / "ca.crt", folder / "server.pem", folder / "server.key")
+
+
+def node_config_string(partition_id: int, num_partitions: int, data_dir: str = "", **extra: str) -> str:
+    """A ``--node-config`` value: TOML values, strings quoted."""
+    items = [f"partition-id={int(partition_id)}", f"num-partitions={int(num_partitions)}"]
+    if data_dir:
+        items.append(f'data-dir="{data_dir}"')
+    items += [f'{k.replace("_", "-")}="{v}"' for k, v in extra.items() if v]
+    return " ".join(items)
+
+
+def superlink_args(*, host: str = "0.0.0.0", port: int = SUPERLINK_PORT, database: str = "state/state.db",
+                   tls: TLSFiles | None = None, supernode_auth: bool = False, isolation: str = "subprocess") -> list[str]:
+    args = ["flower-superlink"]
+    if tls is None:
+        args.append("--insecure")
+    else:
+        args += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key)]
+        if supernode_auth:
+            args.append("--enable-supernode-auth")
+    return args + ["--isolation", isolation, "--host", host, "--port", str(port), "--database", database,
+                   "--disable-runtime-dependency-installation"]
+
+
+def supernode_args(*, superlink: str, node_config: str, host: str = "127.0.0.1", port: int = SUPERNODE_PORT,
+                   root_certificates: Path | str | None = None, auth_key: Path | str | None = None, isolation: str = "subprocess") -> list[str]:
+    args = ["flower-supernode"]
+    args += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
+    if auth_key is not None:
+        args += ["--auth-supernode-private-key", str(auth_key)]
+    return args + ["--superlink", superlink, "--isolation", isolation, "--host", host, "--port", str(port), "--node-config", node_config]
+
+
+def superexec_args(*, runtime_api_address: str, root_certificates: Path | str | None = None) -> list[str]:
+    args = ["flower-superexec"]
+    args += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
+    return args + ["--runtime-api-address", runtime_api_address]

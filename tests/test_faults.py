@@ -1,0 +1,120 @@
+"""Faults with real processes: a SuperNode killed mid-round, the SuperLink (and its ServerApp)
+killed and restarted with resume, and operator mistakes answered in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.cluster import start_cluster
+from server.records import read_records
+from tests.processes import BIN, ROOT, Proc, base_env, free_port, preset
+
+pytestmark = pytest.mark.slow
+
+
+def photo_only(tmp: Path, pacs: Path) -> Path:
+    data = tmp / "data"
+    data.mkdir()
+    (data / "photo").symlink_to(pacs / "photo", target_is_directory=True)
+    return data
+
+
+def run_config(tmp: Path, data: Path, name: str, **extra) -> Path:
+    return preset(ROOT / "configs" / "offline-smoke.toml", tmp / f"{name}.toml", **{
+        "data.path": str(data), "data.partitioner": "iid", "data.heldout_domains": "", "eval.temperature_scaling": "none",
+        "output.dir": str(tmp / "runs"), "output.run_name": name, "monitoring.enabled": False, **extra})
+
+
+def submit(cluster, cfg: Path, log: Path) -> Proc:
+    return Proc(["flwr", "run", str(ROOT), cluster.connection, "--stream", "--run-config", str(cfg)], cluster.env, log)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_supernode_killed_mid_round(tmp_path, pacs_dir):
+    data = photo_only(tmp_path, pacs_dir)
+    env = base_env(tmp_path, HOME=str(tmp_path))
+    cluster = start_cluster(tmp_path / "cluster", 3, str(data), port=free_port(), node_port=free_port(), env=env)
+    try:
+        cfg = run_config(tmp_path, data, "killed", **{"fl.rounds": 3, "fl.min_train_nodes": 2, "fl.min_available_nodes": 3, "fl.round_timeout": 120.0})
+        run = submit(cluster, cfg, tmp_path / "run.log")
+        # kill node 2 as soon as it has received its second training message (round 2)
+        wait_for(lambda: cluster.logs("supernode-2").count("Receiving: train message") >= 2 or not run.alive(), 300, "round 2 to reach node 2")
+        assert run.alive(), run.output()[-5000:]
+        cluster.kill("supernode-2")
+        wait_for(lambda: not run.alive(), 420, "the run to finish without node 2")
+        run_dir = tmp_path / "runs" / "killed"
+        assert (run_dir / "summary.json").exists(), run.output()[-5000:]
+        rows = read_records(run_dir)
+        assert sorted(r["round"] for r in rows if r["kind"] == "round") == [1, 2, 3]
+        lost = [r for r in rows if r["kind"] in ("missing", "failed") and r["round"] == 2 and r["phase"] == "train"]
+        assert [r["partition"] for r in lost] == [2], lost
+        assert sorted(r["partition"] for r in rows if r["kind"] == "train" and r["round"] == 2) == [0, 1]
+        assert sorted(r["partition"] for r in rows if r["kind"] == "train" and r["round"] == 3) == [0, 1]
+        assert sorted({r["partition"] for r in rows if r["kind"] == "client" and r["round"] == 3}) == [0, 1]
+        assert "round 3/3" in run.output()
+    finally:
+        cluster.stop()
+
+
+def test_superlink_restart_and_resume(tmp_path, pacs_dir):
+    data = photo_only(tmp_path, pacs_dir)
+    env = base_env(tmp_path, HOME=str(tmp_path))
+    cluster = start_cluster(tmp_path / "cluster", 2, str(data), port=free_port(), node_port=free_port(), env=env)
+    try:
+        cfg = run_config(tmp_path, data, "restarted", **{"fl.rounds": 3, "fl.min_train_nodes": 2, "fl.min_available_nodes": 2})
+        run = submit(cluster, cfg, tmp_path / "run1.log")
+        latest = tmp_path / "runs" / "restarted" / "checkpoints" / "LATEST"
+        wait_for(lambda: (latest.exists() and latest.read_text() == "round-00001") or not run.alive(), 300, "the round-1 checkpoint")
+        assert run.alive(), run.output()[-5000:]
+        link_args = cluster.processes["superlink"].args
+        cluster.kill("superlink")  # the SuperLink and the ServerApp it runs die at once
+        wait_for(lambda: not run.alive(), 120, "flwr run to notice")
+        run.kill()
+        assert not (tmp_path / "runs" / "restarted" / "final").exists()
+        cluster.start("superlink", link_args)  # same flags, same state database
+        cluster.wait_online(2, timeout=180)
+        resumed = run_config(tmp_path, data, "restarted-2", **{"fl.rounds": 3, "fl.min_train_nodes": 2, "fl.min_available_nodes": 2,
+                                                                 "output.resume": str(tmp_path / "runs" / "restarted")})
+        res = cluster.flwr("run", str(ROOT), cluster.connection, "--stream", "--run-config", str(resumed))
+        out = res.stdout + res.stderr
+        run_dir = tmp_path / "runs" / "restarted"
+        assert (run_dir / "final" / "global.safetensors").exists(), out[-5000:]
+        assert "resuming restarted after round 1" in out
+        rows = read_records(run_dir)
+        assert sorted(r["round"] for r in rows if r["kind"] == "round") == [1, 2, 3]
+        assert not (tmp_path / "runs" / "restarted-2").exists()
+    finally:
+        cluster.stop()
+
+
+def fedcal(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "fedcal"), *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["node", "--superlink", "127.0.0.1:{closed}", "--partition-id", "0", "--num-partitions", "2"], "cannot reach the SuperLink at 127.0.0.1:"),
+    (["node", "--superlink", "superlink-host", "--partition-id", "0", "--num-partitions", "2"], "is not host:port"),
+    (["node", "--superlink", "127.0.0.1:8000", "--partition-id", "0", "--num-partitions", "2", "--root-certificates", "/no/ca.crt"], "'/no/ca.crt' does not exist"),
+    (["node", "--superlink", "127.0.0.1:8000", "--num-partitions", "2"], "no partition id: pass --partition-id"),
+    (["node", "--superlink", "127.0.0.1:8000", "--partition-id", "5", "--num-partitions", "2"], "--partition-id 5 must be in [0, 1]"),
+    (["superlink", "--certs", "/no/certs", "--dry-run"], "does not exist"),
+    (["superlink", "--supernode-auth", "--dry-run"], "--supernode-auth needs TLS"),
+    (["config", "-c", "fl.aggregatr=\"fedprox\""], "did you mean 'fl.aggregator'"),
+])
+def test_operator_mistakes_are_one_line(args, expected):
+    args = [a.replace("{closed}", str(free_port())) for a in args]
+    res = fedcal(*args)
+    assert res.returncode == 2, res.stdout + res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], res.stderr
