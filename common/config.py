@@ -236,8 +236,8 @@ class OutputConfig(_Section):
 
 class MonitoringConfig(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics from the ServerApp.")
-    host: str = Field("127.0.0.1", description="Exporter bind address (0.0.0.0 in containers).")
-    port: int = Field(9464, ge=0, le=65535, description="Exporter port (0 = pick a free port and log it).")
+    host: str = Field("127.0.0.1", description="Exporter bind address; the environment variable FEDCAL_MONITORING_HOST overrides it (the containers set 0.0.0.0).")
+    port: int = Field(9464, ge=0, le=65535, description="Exporter port (0 = pick a free port and log it); FEDCAL_MONITORING_PORT overrides it.")
     linger: float = Field(0.0, ge=0, description="Seconds the exporter keeps serving the final values after the run ends.")
     pushgateway: str = Field("", description="Optional Pushgateway URL; the final values are pushed there when the run ends.")
 

@@ -9,6 +9,9 @@ outlive the process. We chose serving over pushing by default because a ServerAp
 whole run (hours) and pull is Prometheus' native model; a push is only needed for what must
 survive the process.
 
+The bind address is ``monitoring.host``/``monitoring.port``, overridden by the environment
+variables ``FEDCAL_MONITORING_HOST``/``FEDCAL_MONITORING_PORT`` (the compose files set 0.0.0.0).
+
 Labels: ``run``; per client ``client`` (partition id), ``domain``, ``role`` (seen/unseen),
 ``split`` (val/test) and ``ts`` (none, or the temperature-scaling mode of post-TS figures).
 """
@@ -16,6 +19,7 @@ Labels: ``run``; per client ``client`` (partition id), ``domain``, ``role`` (see
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway, start_http_server
@@ -31,7 +35,14 @@ class Monitor:
     """No-op unless ``monitoring.enabled``; every method is safe to call either way."""
 
     def __init__(self, cfg, run_name: str):
-        self.cfg = cfg.monitoring
+        # where the exporter binds belongs to the host or container, not to the experiment:
+        # FEDCAL_MONITORING_HOST / FEDCAL_MONITORING_PORT override the run configuration
+        overrides = {}
+        if os.environ.get("FEDCAL_MONITORING_HOST"):
+            overrides["host"] = os.environ["FEDCAL_MONITORING_HOST"]
+        if os.environ.get("FEDCAL_MONITORING_PORT"):
+            overrides["port"] = int(os.environ["FEDCAL_MONITORING_PORT"])
+        self.cfg = cfg.monitoring.model_copy(update=overrides)
         self.run = run_name
         self.enabled = bool(self.cfg.enabled)
         self.port: int | None = None

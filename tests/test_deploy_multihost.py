@@ -1,6 +1,8 @@
 """A real deployment across hosts: SuperLink and SuperNodes each in their own network namespace,
-TLS and SuperNode authentication on. A run completes; a SuperNode with an unregistered key and a
-SuperNode without the CA are refused; `fedcal node` names a wrong CA in one line.
+TLS and SuperNode authentication on, ``--isolation process`` with separate ``flower-superexec``
+processes for the ServerApp and each node's ClientApps — the exact commands of
+docker/compose.tls.yml (deploy/commands.py). A run completes; a SuperNode with an unregistered key
+and a SuperNode without the CA are refused; `fedcal node` names a wrong CA in one line.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ import pytest
 
 from deploy.certs import generate, supernode_keys
 from deploy.cluster import add_connection
-from deploy.commands import TLSFiles, node_config_string, superlink_args, supernode_args
+from deploy.commands import (
+    TLSFiles,
+    node_config_string,
+    superexec_args,
+    superlink_args,
+    supernode_args,
+)
 from tests import netns
 from tests.processes import BIN, ROOT, base_env, preset, processes
 
@@ -47,7 +55,8 @@ def test_tls_authenticated_run_across_namespaces(tmp_path, pacs_dir):
         supernode_keys(certs, "rogue")  # never registered
         tls = TLSFiles.in_folder(certs)
         env = {h: base_env(tmp_path / h, HOME=str(tmp_path / h)) for h in hosts}
-        link = start(netns.run_in(link_ns, superlink_args(host=link_ip, port=8000, database=str(tmp_path / "state.db"), tls=tls, supernode_auth=True)),
+        link = start(netns.run_in(link_ns, superlink_args(host=link_ip, port=8000, database=str(tmp_path / "state.db"), tls=tls,
+                                                          supernode_auth=True, isolation="process")),
                      env["link"], tmp_path / "superlink.log")
         address = f"{link_ip}:8000"
 
@@ -60,6 +69,7 @@ def test_tls_authenticated_run_across_namespaces(tmp_path, pacs_dir):
             return res.returncode == 0 and link.alive()
 
         wait_for(healthy, 60, "the SuperLink over TLS")
+        start(netns.run_in(link_ns, superexec_args(runtime_api_address=address, root_certificates=tls.ca)), env["link"], tmp_path / "serverapp.log")
         add_connection(tmp_path / "link" / "flwr", "tls", address, tls.ca)
         import subprocess
 
@@ -72,8 +82,10 @@ def test_tls_authenticated_run_across_namespaces(tmp_path, pacs_dir):
         nodes = {}
         for i in range(2):
             ns = hosts[f"n{i}"][0]
-            args = supernode_args(superlink=address, node_config=node_config_string(i, 2, str(data)), root_certificates=tls.ca, auth_key=certs / f"supernode-{i}")
+            args = supernode_args(superlink=address, node_config=node_config_string(i, 2, str(data)), root_certificates=tls.ca,
+                                  auth_key=certs / f"supernode-{i}", isolation="process")
             nodes[i] = start(netns.run_in(ns, args), env[f"n{i}"], tmp_path / f"n{i}.log")
+            start(netns.run_in(ns, superexec_args(runtime_api_address="127.0.0.1:9094")), env[f"n{i}"], tmp_path / f"clientapp{i}.log")
         rogue = start(netns.run_in(hosts["rogue"][0], supernode_args(superlink=address, node_config=node_config_string(1, 2, str(data)),
                                                                      root_certificates=tls.ca, auth_key=certs / "rogue")), env["rogue"], tmp_path / "rogue.log")
         noca = start(netns.run_in(hosts["noca"][0], ["flower-supernode", "--superlink", address, "--node-config", node_config_string(0, 2, str(data))]),
