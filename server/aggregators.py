@@ -29,7 +29,31 @@ def _record(arrays: dict[str, np.ndarray], like: dict[str, np.ndarray]) -> Array
     return ArrayRecord({k: Array(np.asarray(v, dtype=like[k].dtype)) for k, v in arrays.items()})
 
 
-class FedNova(FedAvg):
+class _FromGlobal(FedAvg):
+    """FedAvg whose aggregation needs the global arrays sent out this round (kept as numpy)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.current_arrays: dict[str, np.ndarray] | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.current_arrays = {k: v.numpy() for k, v in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _valid_weighted(self, replies: Iterable[Message]) -> tuple[list[Message], np.ndarray] | None:
+        """The valid training replies and their normalised weights; None when nothing can be aggregated."""
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid or self.current_arrays is None:
+            return None
+        return valid, _weights(valid, self.weighted_by_key)
+
+    def _result(self, new: dict[str, np.ndarray], valid: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
+        assert self.current_arrays is not None
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return _record(new, self.current_arrays), metrics
+
+
+class FedNova(_FromGlobal):
     r"""FedNova (Wang et al., NeurIPS 2020): normalised averaging of heterogeneous local work.
 
     Client i ran tau_i local steps and reports a_i = ||a_i||_1 ("fednova-a": tau_i for plain SGD,
@@ -47,17 +71,13 @@ class FedNova(FedAvg):
         super().__init__(*args, **kwargs)
         self.server_learning_rate = server_learning_rate
         self.normaliser_key = normaliser_key
-        self.current_arrays: dict[str, np.ndarray] | None = None
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.current_arrays = {k: v.numpy() for k, v in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid or self.current_arrays is None:
+        checked = self._valid_weighted(replies)
+        if checked is None:
             return None, None
-        p = _weights(valid, self.weighted_by_key)
+        valid, p = checked
+        assert self.current_arrays is not None
         a = np.array([float(next(iter(m.content.metric_records.values()))[self.normaliser_key]) for m in valid])
         if np.any(a <= 0):
             raise ValueError("FedNova needs every client's fednova-a > 0 (a client reported no local step)")
@@ -68,11 +88,10 @@ class FedNova(FedAvg):
             for k, wi in _arrays(msg).items():
                 direction[k] += pi * (w[k] - wi) / ai
         new = {k: w[k] - self.server_learning_rate * tau_eff * direction[k] for k in w}
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
-        return _record(new, self.current_arrays), metrics
+        return self._result(new, valid)
 
 
-class FedDyn(FedAvg):
+class FedDyn(_FromGlobal):
     r"""FedDyn (Acar et al., ICLR 2021), server side.
 
     Clients add -<g_k, w> + (alpha/2)||w - w^{t-1}||^2 to their local loss (client/losses.py). With
@@ -88,18 +107,17 @@ class FedDyn(FedAvg):
         self.alpha = alpha
         self.num_clients = num_clients
         self.h: dict[str, np.ndarray] | None = None
-        self.current_arrays: dict[str, np.ndarray] | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.current_arrays = {k: v.numpy() for k, v in arrays.items()}
         config["feddyn-alpha"] = self.alpha
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid or self.current_arrays is None:
+        checked = self._valid_weighted(replies)
+        if checked is None:
             return None, None
-        p = _weights(valid, self.weighted_by_key)
+        valid, p = checked
+        assert self.current_arrays is not None
         w_prev = {k: v.astype(np.float64) for k, v in self.current_arrays.items()}
         if self.h is None:
             self.h = {k: np.zeros_like(v) for k, v in w_prev.items()}
@@ -111,5 +129,4 @@ class FedDyn(FedAvg):
                 delta_sum[k] += wk - w_prev[k]
         self.h = {k: self.h[k] - self.alpha * delta_sum[k] / max(self.num_clients, 1) for k in w_prev}
         new = {k: mean[k] - self.h[k] / self.alpha for k in w_prev}
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
-        return _record(new, self.current_arrays), metrics
+        return self._result(new, valid)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ClipMethod
+from .base import ClipMethod, MixesWithZeroShot
 
 
 class AttentionAdapter(nn.Module):
@@ -31,14 +31,13 @@ class AttentionAdapter(nn.Module):
         return torch.softmax(self.fc2(torch.tanh(self.fc1(f))), dim=-1) * f
 
 
-class Adapter(ClipMethod):
+class Adapter(MixesWithZeroShot, ClipMethod):
     name = "adapter"
 
     def __init__(self, cfg, clip, tokenizer, class_names, templates):
         super().__init__(cfg, clip, tokenizer, class_names, templates)
         dim = int(clip.text_projection.shape[1]) if hasattr(clip, "text_projection") else int(clip.visual.output_dim)
         self.adapter = AttentionAdapter(dim, cfg.adapter_init).to(self.device)
-        self._alpha = 1.0
 
     def image_features(self, embeddings: torch.Tensor) -> torch.Tensor:
         f = embeddings.float()
@@ -49,11 +48,3 @@ class Adapter(ClipMethod):
             mixed = (1 - self._alpha) * base + self._alpha * adapted
             return mixed / mixed.norm(dim=-1, keepdim=True)
         return adapted
-
-    def _enter_wise(self, alpha: float):
-        self._alpha = alpha
-
-        def undo():
-            self._alpha = 1.0
-
-        return undo

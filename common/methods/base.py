@@ -29,6 +29,21 @@ class StateError(ValueError):
     """A trainable state that does not fit the method (missing, extra or mis-shaped key)."""
 
 
+class MixesWithZeroShot:
+    """WiSE-FT for methods that mix their output with the zero-shot one by a factor ``self._alpha``
+    (1 = fine-tuned only); ``_alpha`` is set for the duration of ``ClipMethod.wise``."""
+
+    _alpha: float = 1.0
+
+    def _enter_wise(self, alpha: float) -> Callable[[], None]:
+        self._alpha = alpha
+
+        def undo() -> None:
+            self._alpha = 1.0
+
+        return undo
+
+
 class ClipMethod(nn.Module):
     name = "base"
     image_tower_frozen = True  # image embeddings may be cached

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ClipMethod
+from .base import ClipMethod, MixesWithZeroShot
 
 
-class LinearHead(ClipMethod):
+class LinearHead(MixesWithZeroShot, ClipMethod):
     name = "linear"
 
     def __init__(self, cfg, clip, tokenizer, class_names, templates):
@@ -22,7 +22,6 @@ class LinearHead(ClipMethod):
         self.register_buffer("zs_weight", zs.clone(), persistent=False)
         self.head_weight = nn.Parameter(zs.clone().float())
         self.head_bias = nn.Parameter(torch.zeros(len(self.class_names), device=self.device))
-        self._alpha = 1.0
 
     def _weight(self) -> torch.Tensor:
         if self._alpha < 1.0:
@@ -40,11 +39,3 @@ class LinearHead(ClipMethod):
         feats = self.image_features(embeddings)
         rows = self._weight()[labels]
         return feats, rows / rows.norm(dim=-1, keepdim=True), self.logit_scale()
-
-    def _enter_wise(self, alpha: float):
-        self._alpha = alpha
-
-        def undo():
-            self._alpha = 1.0
-
-        return undo

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..model import class_features, prompt_name
-from .base import ClipMethod
+from .base import ClipMethod, MixesWithZeroShot
 
 
 def encode_text_embeddings(clip, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ def encode_text_embeddings(clip, embeddings: torch.Tensor, tokens: torch.Tensor)
     return x
 
 
-class CoOp(ClipMethod):
+class CoOp(MixesWithZeroShot, ClipMethod):
     name = "coop"
     text_tower_trainable = True
 
@@ -66,7 +66,6 @@ class CoOp(ClipMethod):
         self.register_buffer("token_prefix", emb[:, :1].clone(), persistent=False)
         self.register_buffer("token_suffix", emb[:, 1 + n_ctx :].clone(), persistent=False)
         self.register_buffer("handcrafted", self.zero_shot_text(), persistent=False)
-        self._alpha = 1.0
         self._last_text: torch.Tensor | None = None
 
     def compute_text_features(self) -> torch.Tensor:
@@ -80,14 +79,6 @@ class CoOp(ClipMethod):
         if self.training:
             self._last_text = feats
         return feats
-
-    def _enter_wise(self, alpha: float):
-        self._alpha = alpha
-
-        def undo():
-            self._alpha = 1.0
-
-        return undo
 
 
 class KgCoOp(CoOp):
