@@ -40,17 +40,19 @@ class _FromGlobal(FedAvg):
         self.current_arrays = {k: v.numpy() for k, v in arrays.items()}
         return super().configure_train(server_round, arrays, config, grid)
 
-    def _valid_weighted(self, replies: Iterable[Message]) -> tuple[list[Message], np.ndarray] | None:
-        """The valid training replies and their normalised weights; None when nothing can be aggregated."""
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid or self.current_arrays is None:
-            return None
-        return valid, _weights(valid, self.weighted_by_key)
-
-    def _result(self, new: dict[str, np.ndarray], valid: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
-        assert self.current_arrays is not None
+            return None, None
+        w = {k: v.astype(np.float64) for k, v in self.current_arrays.items()}
+        new = self._combine(valid, _weights(valid, self.weighted_by_key), w)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return _record(new, self.current_arrays), metrics
+
+    def _combine(self, valid: list[Message], p: np.ndarray, w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The new global arrays from the valid replies, their weights p (summing to 1) and the
+        global arrays w sent out this round (float64)."""
+        raise NotImplementedError
 
 
 class FedNova(_FromGlobal):
@@ -72,23 +74,16 @@ class FedNova(_FromGlobal):
         self.server_learning_rate = server_learning_rate
         self.normaliser_key = normaliser_key
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        checked = self._valid_weighted(replies)
-        if checked is None:
-            return None, None
-        valid, p = checked
-        assert self.current_arrays is not None
+    def _combine(self, valid: list[Message], p: np.ndarray, w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         a = np.array([float(next(iter(m.content.metric_records.values()))[self.normaliser_key]) for m in valid])
         if np.any(a <= 0):
             raise ValueError("FedNova needs every client's fednova-a > 0 (a client reported no local step)")
         tau_eff = float(np.dot(p, a))
-        w = {k: v.astype(np.float64) for k, v in self.current_arrays.items()}
         direction = {k: np.zeros_like(v) for k, v in w.items()}
         for pi, ai, msg in zip(p, a, valid, strict=True):
             for k, wi in _arrays(msg).items():
                 direction[k] += pi * (w[k] - wi) / ai
-        new = {k: w[k] - self.server_learning_rate * tau_eff * direction[k] for k in w}
-        return self._result(new, valid)
+        return {k: w[k] - self.server_learning_rate * tau_eff * direction[k] for k in w}
 
 
 class FedDyn(_FromGlobal):
@@ -112,13 +107,7 @@ class FedDyn(_FromGlobal):
         config["feddyn-alpha"] = self.alpha
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        checked = self._valid_weighted(replies)
-        if checked is None:
-            return None, None
-        valid, p = checked
-        assert self.current_arrays is not None
-        w_prev = {k: v.astype(np.float64) for k, v in self.current_arrays.items()}
+    def _combine(self, valid: list[Message], p: np.ndarray, w_prev: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.h is None:
             self.h = {k: np.zeros_like(v) for k, v in w_prev.items()}
         mean = {k: np.zeros_like(v) for k, v in w_prev.items()}
@@ -128,5 +117,4 @@ class FedDyn(_FromGlobal):
                 mean[k] += pk * wk
                 delta_sum[k] += wk - w_prev[k]
         self.h = {k: self.h[k] - self.alpha * delta_sum[k] / max(self.num_clients, 1) for k in w_prev}
-        new = {k: mean[k] - self.h[k] / self.alpha for k in w_prev}
-        return self._result(new, valid)
+        return {k: mean[k] - self.h[k] / self.alpha for k in w_prev}
