@@ -24,6 +24,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway, start_http_server
 
+from common.config import ConfigError
+
 log = logging.getLogger("flwr.fedcal")
 
 CLIENT_LABELS = ("run", "client", "domain", "role", "split", "ts")
@@ -41,7 +43,10 @@ class Monitor:
         if os.environ.get("FEDCAL_MONITORING_HOST"):
             overrides["host"] = os.environ["FEDCAL_MONITORING_HOST"]
         if os.environ.get("FEDCAL_MONITORING_PORT"):
-            overrides["port"] = int(os.environ["FEDCAL_MONITORING_PORT"])
+            port = os.environ["FEDCAL_MONITORING_PORT"]
+            if not port.isdigit() or int(port) > 65535:
+                raise ConfigError(f"FEDCAL_MONITORING_PORT must be a port number 0-65535 (got {port!r}); fix or unset the variable")
+            overrides["port"] = int(port)
         self.cfg = cfg.monitoring.model_copy(update=overrides)
         self.run = run_name
         self.enabled = bool(self.cfg.enabled)

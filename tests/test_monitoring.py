@@ -115,3 +115,18 @@ def test_prometheus_scrapes_calibration_and_faults(tmp_path, pacs_dir, prometheu
             assert [r["partition"] for r in records if r["kind"] == "rejected"] == [1, 1]
         finally:
             cluster.stop()
+
+
+def test_environment_overrides_the_exporter_address(monkeypatch):
+    from server.monitoring import Monitor
+
+    cfg = config.load(None, monitoring__enabled=False, monitoring__host="127.0.0.1", monitoring__port=9464)
+    monkeypatch.setenv("FEDCAL_MONITORING_HOST", "0.0.0.0")
+    monkeypatch.setenv("FEDCAL_MONITORING_PORT", "9470")
+    mon = Monitor(cfg, "r")
+    assert (mon.cfg.host, mon.cfg.port) == ("0.0.0.0", 9470)
+    assert cfg.monitoring.port == 9464  # the run configuration itself is untouched
+    for bad in ("nine", "70000", "-1"):
+        monkeypatch.setenv("FEDCAL_MONITORING_PORT", bad)
+        with pytest.raises(config.ConfigError, match="FEDCAL_MONITORING_PORT must be a port number"):
+            Monitor(cfg, "r")
