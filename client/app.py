@@ -36,6 +36,7 @@ from common.hub import HubUnavailable
 from common.methods import StateError
 from common.tensors import from_record, to_record
 
+from . import faults
 from .runtime import ClientRuntime
 
 log = logging.getLogger("fedcal.client")
@@ -70,14 +71,11 @@ def _setup(context: Context) -> tuple[RunConfig, object]:
     return from_flower(dict(context.run_config)), parse_node_config(dict(context.node_config))
 
 
-def identity(rt_or_data, node) -> ConfigRecord:
+def identity(rt_or_data, node, cfg: RunConfig | None = None) -> ConfigRecord:
+    """The node's identity; the server takes it from here only at join (an echo elsewhere)."""
     data = getattr(rt_or_data, "data", rt_or_data)
-    return ConfigRecord({
-        "partition-id": int(node.partition_id),
-        "num-partitions": int(node.num_partitions),
-        "domain": data.domain,
-        "role": data.role,
-    })
+    record = {"partition-id": int(node.partition_id), "num-partitions": int(node.num_partitions), "domain": data.domain, "role": data.role}
+    return ConfigRecord(faults.corrupt_identity(cfg, node.partition_id, record) if cfg else record)
 
 
 # ------------------------------------------------------------------ persisted client state
@@ -94,28 +92,6 @@ def _scalars(context: Context) -> ConfigRecord:
     if "fedcal" not in context.state.config_records:
         context.state["fedcal"] = ConfigRecord({"carot-step": 0, "temperature": 1.0})
     return context.state["fedcal"]
-
-
-# ------------------------------------------------------------------ fault injection (tests only)
-def inject_fault(cfg: RunConfig, partition_id: int, state: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """TEST ONLY (fault.mode): turn this client's honest update into a bad one."""
-    mode = cfg.fault.mode
-    if mode == "none" or partition_id not in cfg.fault.partition_ids():
-        return state
-    key = next(iter(state))
-    bad = dict(state)
-    if mode == "nan":
-        bad[key] = state[key].clone().fill_(float("nan"))
-    elif mode == "shape":
-        bad[key] = torch.cat([state[key], state[key][:1]], dim=0)
-    elif mode == "extra-key":
-        bad["fault.injected"] = torch.zeros(3)
-    elif mode == "huge":
-        bad = {k: global_state[k] + cfg.fault.huge_scale * (v - global_state[k] + 1e-3) for k, v in state.items()}
-    elif mode == "crash":
-        raise RuntimeError("fault injection: client crashed on purpose (fault.mode=crash)")
-    log.warning("fault injection: partition %d sends a %s update", partition_id, mode)
-    return bad
 
 
 # ------------------------------------------------------------------ handlers
@@ -138,12 +114,13 @@ def train(msg: Message, context: Context) -> Message:
     _save_arrays(context, "carot-teacher", out.teacher)
     _save_arrays(context, "feddyn-grad", out.feddyn_grad)
     scalars["carot-step"] = int(out.carot_step)
-    state = inject_fault(cfg, node.partition_id, out.state, global_state)
+    state = faults.corrupt_state(cfg, node.partition_id, out.state, global_state)
     norm = float(np.sqrt(sum(float(((state[k] - global_state[k]) ** 2).sum()) for k in global_state if k in state and state[k].shape == global_state[k].shape)))
     metrics = {k: (int(v) if isinstance(v, (bool, np.integer)) else v) for k, v in out.metrics.items()}
     metrics.update({"uniform-weight": 1, "update-norm": norm, "server-round": server_round})
-    log.info("round %d partition %d: %d steps, loss %.4f, %.1fs", server_round, node.partition_id, metrics["local-steps"], metrics["train-loss"], metrics["train-seconds"])
-    return Message(RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics), "client": identity(rt, node)}), reply_to=msg)
+    metrics = faults.corrupt_train_metrics(cfg, node.partition_id, metrics)
+    log.info("round %d partition %d: %d steps, loss %.4f, %.1fs", server_round, node.partition_id, metrics["local-steps"], out.metrics["train-loss"], metrics["train-seconds"])
+    return Message(RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics), "client": identity(rt, node, cfg)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -175,7 +152,8 @@ def evaluate(msg: Message, context: Context) -> Message:
             metrics.update(evaluate_logits(split, logits, labels, cfg.eval.n_bins, temperature).metrics(f"{split}-ts-"))
         metrics["num-examples"] += int(len(labels))
     metrics["server-round"] = int(config.get("server-round", 0))
-    return Message(RecordDict({"metrics": MetricRecord(metrics), "client": identity(rt, node)}), reply_to=msg)
+    metrics = faults.corrupt_eval_metrics(cfg, node.partition_id, metrics)
+    return Message(RecordDict({"metrics": MetricRecord(metrics), "client": identity(rt, node, cfg)}), reply_to=msg)
 
 
 @app.query()
@@ -199,5 +177,6 @@ def query(msg: Message, context: Context) -> Message:
         temps = [float(t) for t in config["temperatures"]]
         logits, labels = rt.logits(cfg.eval.ts_split) if rt.data.role == "seen" else (torch.zeros(0, len(rt.data.class_names)), torch.zeros(0, dtype=torch.long))
         sums = nll_at_temperatures(logits, labels, temps) if len(labels) else [0.0] * len(temps)
-        return Message(RecordDict({"metrics": MetricRecord({"nll-sums": [float(s) for s in sums], "num-examples": int(len(labels))}), "client": identity(rt, node)}), reply_to=msg)
+        sums, n = faults.corrupt_nll(cfg, node.partition_id, [float(s) for s in sums], int(len(labels)))
+        return Message(RecordDict({"metrics": MetricRecord({"nll-sums": sums, "num-examples": n}), "client": identity(rt, node, cfg)}), reply_to=msg)
     raise ConfigError(f"unknown query action {action!r} (info, nll-grid)")

@@ -246,7 +246,6 @@ def run_cmd(
 ) -> None:
     """Validate a preset plus overrides, then `flwr run` it (flwr takes a TOML or key=values, not both)."""
     import os
-    import subprocess
     import tempfile
 
     from . import config
@@ -258,6 +257,7 @@ def run_cmd(
     for item in overrides or []:
         flat.update(config.parse_overrides(item))
     cfg = config.from_flat(flat)
+    run_dir = _resolve_run_folder(flat, cfg)
     if not federation_config and not connection:
         federation_config = f"num-supernodes={count_partitions(cfg.data) or cfg.fl.min_available_nodes}"
     handle, path = tempfile.mkstemp(prefix="fedcal-run-", suffix=".toml")
@@ -274,10 +274,76 @@ def run_cmd(
     env = dict(os.environ)
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     try:
-        code = subprocess.call(cmd, env=env)
+        code = _follow(cmd, env, run_dir, connection)
     finally:
         os.unlink(path)
     raise typer.Exit(code)
+
+
+def _resolve_run_folder(flat: dict, cfg) -> Path:
+    """The folder the run will write (a generated run name is fixed here, so it is known)."""
+    from datetime import datetime, timezone
+
+    from .config import expand_path
+
+    if cfg.output.resume:
+        return expand_path(cfg.output.resume, "output.resume")
+    if not cfg.output.run_name:
+        flat["output.run_name"] = f"{cfg.method.name}-{cfg.fl.aggregator}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    flat["output.dir"] = str(expand_path(cfg.output.dir, "output.dir"))
+    return Path(flat["output.dir"]) / flat["output.run_name"]
+
+
+def _follow(cmd: list[str], env: dict, run_dir: Path, connection: str) -> int:
+    """Run `flwr run --stream`, echo it, and judge the run by its status file, not flwr's exit code
+    (0 even when the ServerApp failed). Ctrl-C stops the run instead of leaving it in the background."""
+    import re
+    import subprocess
+
+    run_id = None
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            found = re.search(r"started run (\d+)", line)
+            run_id = run_id or (found.group(1) if found else None)
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        _stop(run_id, connection, env, run_dir)
+        return 130
+    return _judge(run_dir)
+
+
+def _stop(run_id: str | None, connection: str, env: dict, run_dir: Path) -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+
+    if run_id:
+        subprocess.run(["flwr", "stop", run_id] + ([connection] if connection else []), env=env, capture_output=True, timeout=60)
+    holder = (run_dir / ".lock").read_text() if (run_dir / ".lock").exists() else ""
+    parts = holder.split()
+    if len(parts) > 3 and parts[0] == "pid" and parts[3] == socket.gethostname():
+        try:  # the ServerApp runs on this machine: make sure it ends (flwr stop does not end it)
+            os.kill(int(parts[1]), signal.SIGTERM)
+        except (ProcessLookupError, PermissionError, ValueError):
+            pass
+    typer.secho(f"stopped run {run_id or '(not started)'}; resume it with output.resume={str(run_dir)!r}", err=True)
+
+
+def _judge(run_dir: Path) -> int:
+    try:
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        typer.secho(f"error: the run left no status in {run_dir}: the ServerApp did not start (see the output above)", fg=typer.colors.RED, err=True)
+        return 1
+    if status.get("status") == "completed":
+        return 0
+    reason = status.get("reason") or "the ServerApp ended without finishing (killed?); see the output above"
+    typer.secho(f"error: the run failed: {reason}", fg=typer.colors.RED, err=True)
+    return 1
 
 
 # ------------------------------------------------------------------------------ deployment

@@ -29,7 +29,19 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: an inf/nan learning rate, weight or timeout is a typo, never a setting
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data: Any) -> Any:
+        """pydantic's lax mode reads ``true`` as 1 for an int or float field; fedcal refuses it."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if field is not None and isinstance(value, bool) and field.annotation in (int, float):
+                    raise ValueError(f"{name}: expected a number, got the boolean {str(value).lower()}")
+        return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,9 +84,12 @@ class LoraConfig(_Section):
     @field_validator("layers")
     @classmethod
     def _layers(cls, v: str) -> str:
-        if not re.fullmatch(r"all|\d+-\d+|\d+(,\d+)*", v.replace(" ", "")):
+        v = v.replace(" ", "")
+        if not re.fullmatch(r"all|\d+-\d+|\d+(,\d+)*", v):
             raise ValueError(f"must be 'all', a range like '0-5' or a list like '0,3,11' (got {v!r})")
-        return v.replace(" ", "")
+        if "-" in v and int(v.split("-")[0]) > int(v.split("-")[1]):
+            raise ValueError("the range is empty: write it low-high, e.g. '2-5'")
+        return v
 
 
 class PromptConfig(_Section):
@@ -242,17 +257,44 @@ class MonitoringConfig(_Section):
     pushgateway: str = Field("", description="Optional Pushgateway URL; the final values are pushed there when the run ends.")
 
 
+FAULT_MODES = ("none", "nan", "shape", "extra-key", "huge", "crash", "weight", "negative-weight", "extra-metric", "missing-metric",
+               "stale-round", "nan-metric", "forged-calibration", "other-bins", "negative-counts", "relabel", "negative-nll")
+
+
 class FaultConfig(_Section):
-    mode: Literal["none", "nan", "shape", "extra-key", "huge", "crash"] = Field("none", description="TEST ONLY: make some clients send a bad update.")
+    mode: Literal[FAULT_MODES] = Field("none", description="TEST ONLY: make some clients misbehave (client/faults.py lists what each mode forges).")
     partitions: str = Field("", description="TEST ONLY: comma list of partition ids that misbehave.")
+    plan: str = Field("", description="TEST ONLY: per-partition modes 'pid:mode,pid:mode' (overrides fault.mode and fault.partitions).")
     huge_scale: float = Field(1e6, gt=0, description="TEST ONLY: factor of the 'huge' update.")
     stop_after_round: int = Field(0, ge=0, description="TEST ONLY: the ServerApp stops (as if killed) after checkpointing this round; 0 = never.")
 
+    @field_validator("partitions")
+    @classmethod
+    def _partitions(cls, v: str) -> str:
+        v = v.replace(" ", "")
+        if v and not re.fullmatch(r"\d+(,\d+)*", v):
+            raise ValueError("must be a comma list of partition ids like '0,2'")
+        return v
+
+    @field_validator("plan")
+    @classmethod
+    def _plan(cls, v: str) -> str:
+        v = v.replace(" ", "")
+        for item in filter(None, v.split(",")):
+            pid, _, mode = item.partition(":")
+            if not pid.isdigit() or mode not in FAULT_MODES:
+                raise ValueError(f"must be 'pid:mode,...' with modes among {', '.join(FAULT_MODES[1:])}")
+        return v
+
     def partition_ids(self) -> set[int]:
-        try:
-            return {int(p) for p in self.partitions.split(",") if p.strip()}
-        except ValueError as err:
-            raise ValueError(f"fault.partitions must be a comma list of integers (got {self.partitions!r})") from err
+        return {int(p) for p in self.partitions.split(",") if p}
+
+    def mode_for(self, partition_id: int) -> str:
+        """This partition's fault mode ('none' for an honest client)."""
+        if self.plan:
+            plan = dict(item.split(":") for item in self.plan.split(",") if item)
+            return plan.get(str(partition_id), "none")
+        return self.mode if partition_id in self.partition_ids() else "none"
 
 
 class RunConfig(_Section):
@@ -372,6 +414,9 @@ def _first_error(err: ValidationError, node: bool = False) -> str:
         shown += _did_you_mean(got, choices)
     if msg.startswith(loc):
         return f"{msg}{shown}"
+    field_msg = re.match(r"^([a-z_0-9]+): (.*)$", msg)
+    if field_msg and isinstance(got, dict):  # a section-level check that names its field
+        return f"{loc}.{field_msg.group(1)}: {field_msg.group(2)}"
     return f"{loc}: {msg}{shown}"
 
 

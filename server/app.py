@@ -22,10 +22,11 @@ from common.hub import HubUnavailable
 from common.tensors import from_record, to_record
 
 from . import checkpoint, report
+from .ledger import Ledger, totals_from_rows
 from .monitoring import Monitor
 from .nodes import FederationError, NodeRegistry
-from .records import RunDirectory
-from .strategy import build_strategy
+from .records import RunDirectory, atomic_text
+from .strategy import SimulatedCrash, build_strategy
 
 log = logging.getLogger("flwr.fedcal")
 app = ServerApp()
@@ -63,32 +64,49 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid: Grid, context: Context) -> dict:
     cfg = from_flower(dict(context.run_config))
-    run = RunDirectory.create(cfg)
+    run = RunDirectory.create(cfg, owner=f"Flower run {context.run_id}")
+    try:
+        return _run_in(run, cfg, grid)
+    except SimulatedCrash:
+        raise  # test only: behave as a crash would, leave the status as it is
+    except BaseException as err:
+        write_status(run.path, "failed", f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        run.close()
+
+
+def _run_in(run: RunDirectory, cfg: RunConfig, grid: Grid) -> dict:
+    write_status(run.path, "running")
     monitor = Monitor(cfg, run.name)
     log.info("fedcal run %s (%s, %s on %s, %d rounds) -> %s", run.name, "resumed" if run.resumed else "new",
              cfg.method.name, cfg.model.name, cfg.fl.rounds, run.path)
     try:
-        registry = NodeRegistry(info_timeout=cfg.fl.round_timeout)
-        registry.wait_for_nodes(grid, cfg.fl.min_available_nodes, cfg.fl.node_wait_timeout)
-        registry.discover(grid)
-        if registry.num_seen() < cfg.fl.min_train_nodes:
-            raise FederationError(f"fl.min_train_nodes={cfg.fl.min_train_nodes} but only {registry.num_seen()} connected clients may train "
-                                  f"({len(registry.info) - registry.num_seen()} are held out): lower fl.min_train_nodes or add SuperNodes")
+        ledger = Ledger(run, monitor)
         start_round, ckpt = 0, None
         if run.resumed:
             folder = checkpoint.latest(run.path)
             if folder is None:
                 raise ConfigError(f"output.resume: {run.path} has no checkpoint yet; start a new run instead")
             ckpt = checkpoint.load(folder)
-            start_round, state = ckpt.round, ckpt.global_state
-            sizes = ckpt.meta.get("sizes", {})
+            start_round = ckpt.round
+            ledger.restore(totals_from_rows(run.keep_rounds_up_to(start_round)))
             log.info("resuming %s after round %d", run.name, start_round)
+        registry = NodeRegistry(info_timeout=cfg.fl.round_timeout)
+        registry.wait_for_nodes(grid, cfg.fl.min_available_nodes, cfg.fl.node_wait_timeout)
+        registry.discover(grid, ledger, start_round)
+        ledger.flush()
+        if registry.num_seen() < cfg.fl.min_train_nodes:
+            raise FederationError(f"fl.min_train_nodes={cfg.fl.min_train_nodes} but only {registry.num_seen()} connected clients may train "
+                                  f"({len(registry.info) - registry.num_seen()} are held out): lower fl.min_train_nodes or add SuperNodes")
+        if ckpt is not None:
+            state, sizes = ckpt.global_state, ckpt.meta.get("sizes", {})
         else:
             state, sizes = initial_trainable_state(cfg, registry.class_names())
             log.info("%s: %s trainable parameters of %s (%s bytes per update)", cfg.method.name,
                      f"{sizes['trainable_params']:,}", f"{sizes['total_params']:,}", f"{sizes['update_bytes']:,}")
         trainable = bool(state)
-        strategy = build_strategy(cfg, run, registry, monitor, round_offset=start_round, trainable=trainable)
+        strategy = build_strategy(cfg, run, registry, monitor, round_offset=start_round, trainable=trainable, ledger=ledger)
         strategy.extra_meta = {"sizes": sizes}
         if ckpt is not None:
             strategy.restore(ckpt)
@@ -110,10 +128,21 @@ def run_federation(grid: Grid, context: Context) -> dict:
         summary = report.build(run.path, extra={"sizes": sizes, "best": strategy.best, "wall_seconds": time.monotonic() - t0},
                                diagrams=cfg.eval.diagrams)
         _log_final(summary)
+        write_status(run.path, "completed")
         return summary
     finally:
         monitor.finish()
-        run.close()
+
+
+def write_status(run_dir, status: str, reason: str = "") -> None:
+    """``status.json``: running, completed or failed (with the one-line reason); `fedcal run` reads it."""
+    import json
+
+    text = json.dumps({"status": status, "reason": reason.splitlines()[0] if reason else "", "time": time.time()})
+    try:
+        atomic_text(run_dir / "status.json", text)
+    except OSError as err:
+        log.error("cannot write %s: %s", run_dir / "status.json", err)
 
 
 def _log_final(summary: dict) -> None:

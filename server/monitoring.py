@@ -71,11 +71,14 @@ class Monitor:
         self.rejected = Counter("fedcal_rejected_updates", "Client updates rejected before aggregation", ("run", "reason"), registry=r)
         self.missing = Counter("fedcal_missing_replies", "Sampled clients that did not reply in time", ("run", "phase"), registry=r)
         self.failed = Counter("fedcal_failed_replies", "Replies that came back as errors", ("run", "phase"), registry=r)
+        self.replies = Counter("fedcal_replies", "Reply outcomes (the ledger): outcome joined/trained/evaluated/rejected/missing/failed; label = reason or phase",
+                               ("run", "outcome", "label"), registry=r)
         self.bytes = Counter("fedcal_bytes", "Trainable-state bytes moved between server and clients", ("run", "direction"), registry=r)
         self.round_bytes = Gauge("fedcal_round_bytes", "Trainable-state bytes moved in the last round", ("run", "direction"), registry=r)
         self.temperature = Gauge("fedcal_global_temperature", "Federated (global) temperature", ("run",), registry=r)
         self.rounds_total.labels(self.run).set(cfg.fl.rounds)
-        for reason in ("keys", "shape", "dtype", "non-finite", "norm", "format", "aggregate"):
+        for reason in ("keys", "shape", "dtype", "non-finite", "norm", "format", "size", "metrics", "weight", "round",
+                       "calibration", "bins", "classes", "nll-grid", "identity", "unsampled", "duplicate", "aggregate"):
             self.rejected.labels(self.run, reason)
         for phase in ("train", "evaluate"):  # zero series exist from the start, so dashboards show 0, not "no data"
             self.missing.labels(self.run, phase)
@@ -119,9 +122,14 @@ class Monitor:
         self.update_bytes.labels(*labels).set(nbytes)
         self.last_seen.labels(*labels).set(server_round)
 
-    def count(self, what: str, label: str, n: int = 1) -> None:
-        if self.enabled and n:
-            {"rejected": self.rejected, "missing": self.missing, "failed": self.failed}[what].labels(self.run, label).inc(n)
+    def count(self, outcome: str, phase: str, label: str, n: int = 1) -> None:
+        """Called by the ledger only (server/ledger.py)."""
+        if not self.enabled or not n:
+            return
+        self.replies.labels(self.run, outcome, label).inc(n)
+        legacy = {"rejected": self.rejected, "missing": self.missing, "failed": self.failed}.get(outcome)
+        if legacy is not None:
+            legacy.labels(self.run, label).inc(n)
 
     def round_done(self, server_round: int, seconds: float, sent: int, received: int) -> None:
         if not self.enabled:

@@ -76,45 +76,78 @@ class NodeRegistry:
                 last_log = time.monotonic()
             time.sleep(poll)
 
-    def discover(self, grid, node_ids: Iterable[int] | None = None) -> list[NodeInfo]:
-        """Ask every node not yet known for its identity; returns the newly known ones."""
+    def discover(self, grid, ledger=None, rnd: int = 0, node_ids: Iterable[int] | None = None) -> list[NodeInfo]:
+        """Ask every node not yet known for its identity; returns the newly accepted ones.
+
+        A node whose identity is malformed or conflicts with the registered ones (a partition id
+        taken, another number of partitions, other class names) is rejected and never asked again;
+        a node that answers with an error has failed to join. Neither ends the federation. Each
+        outcome goes to the ``ledger`` when one is given.
+        """
+        from .validation import Rejection, check_identity
+
         ids = sorted(grid.get_node_ids()) if node_ids is None else sorted(node_ids)
         new = [n for n in ids if n not in self.info and n not in self.failed]
         if not new:
             return []
         messages = [Message(RecordDict({"config": ConfigRecord({"action": "info"})}), dst_node_id=n, message_type="query") for n in new]
         replies = list(grid.send_and_receive(messages, timeout=self.info_timeout))
-        added = []
-        answered = set()
+        candidates: dict[int, dict] = {}
         for msg in replies:
             node = reply_source(msg, messages)
-            answered.add(node)
-            if msg.has_error():
-                self.failed[node] = msg.error.reason
-                log.error("node %d cannot join: %s", node, msg.error.reason)
+            if node not in new or node in candidates or node in self.failed:
                 continue
-            c = msg.content["client"]
-            info = NodeInfo(node, int(c["partition-id"]), int(c["num-partitions"]), str(c["domain"]), str(c["role"]),
-                            list(c["class-names"]), {s: int(c[f"{s}-size"]) for s in ("train", "val", "test")})
-            clash = [o for o in self.info.values() if o.partition_id == info.partition_id]
-            if clash:
-                raise FederationError(
-                    f"SuperNodes {clash[0].node_id} and {node} both hold partition {info.partition_id}: "
-                    "give every SuperNode its own partition-id in --node-config"
-                )
-            if self.info and list(self.info.values())[0].class_names != info.class_names:
-                raise FederationError(
-                    f"partition {info.partition_id} has classes {info.class_names[:5]}..., others "
-                    f"{list(self.info.values())[0].class_names[:5]}...: every client must read the same dataset"
-                )
+            if msg.has_error():
+                self._refuse(ledger, rnd, node, "failed", msg.error.reason, None)
+                continue
+            try:
+                candidates[node] = check_identity(msg)
+            except Rejection as rej:
+                self._refuse(ledger, rnd, node, "rejected", rej.reason, rej.detail)
+        added = []
+        reference = self._reference_classes(candidates.values())
+        for node in sorted(candidates):
+            fields = candidates[node]
+            why = self._conflict(fields, reference)
+            if why:
+                self._refuse(ledger, rnd, node, "rejected", "identity", why)
+                continue
+            info = NodeInfo(node, **fields)
             self.info[node] = info
             added.append(info)
-        for node in set(new) - answered:
+            if ledger is not None:
+                ledger.note("joined", rnd, "join", {"node_id": node, "partition": info.partition_id, "domain": info.domain, "role": info.role},
+                            fields={"sizes": info.sizes})
+        for node in set(new) - set(candidates) - set(self.failed):
             log.warning("node %d did not answer the info query within %.0fs; it will be asked again", node, self.info_timeout)
         for info in sorted(added, key=lambda i: i.partition_id):
             log.info("node %d: partition %d/%d, domain %s, %s, train/val/test %d/%d/%d", info.node_id, info.partition_id,
                      info.num_partitions, info.domain, info.role, info.sizes["train"], info.sizes["val"], info.sizes["test"])
         return added
+
+    def _refuse(self, ledger, rnd: int, node: int, outcome: str, reason: str | None, detail: str) -> None:
+        self.failed[node] = f"{reason}: {detail}" if detail else str(reason)
+        if ledger is not None:
+            ledger.note(outcome, rnd, "join", {"node_id": node, "partition": None, "domain": None, "role": None}, reason=reason, detail=detail)
+        else:
+            log.error("node %d cannot join: %s", node, self.failed[node])
+
+    def _reference_classes(self, candidates) -> list[str] | None:
+        """The federation's class names: the registered ones, else the most common among newcomers."""
+        if self.info:
+            return next(iter(self.info.values())).class_names
+        names = [tuple(c["class_names"]) for c in candidates]
+        return list(max(set(names), key=lambda n: (names.count(n), n))) if names else None
+
+    def _conflict(self, fields: dict, reference: list[str] | None) -> str | None:
+        for other in self.info.values():
+            if other.partition_id == fields["partition_id"]:
+                return f"partition {fields['partition_id']} is already held by node {other.node_id}: give every SuperNode its own partition-id"
+            if other.num_partitions != fields["num_partitions"]:
+                return f"num-partitions={fields['num_partitions']}, the federation has {other.num_partitions}"
+        if reference is not None and fields["class_names"] != reference:
+            return f"classes {fields['class_names'][:3]}... differ from the federation's {reference[:3]}...: every client must read the same dataset"
+        return None
 
     # ------------------------------------------------------------------ views
     def _ordered(self, ids: Iterable[int]) -> list[int]:

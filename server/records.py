@@ -17,9 +17,11 @@ Every line is flushed and fsync'ed before the next round starts.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
-import re
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,8 +30,6 @@ from typing import Any
 
 from common.calibration import CalibrationStats
 from common.config import ConfigError, RunConfig, expand_path
-
-_PREFIX = re.compile(r"^(train|val|test)(-ts)?-bin-count$")
 
 
 def summarize(stats: CalibrationStats, stats10: CalibrationStats | None = None, adaptive: float | None = None) -> dict[str, Any]:
@@ -73,26 +73,6 @@ class ClientEval:
         }
 
 
-def parse_eval_reply(node_id: int, identity: dict, metrics: dict, ts_mode: str) -> list[ClientEval]:
-    """Split one evaluate reply's MetricRecord into per-split (and per-TS) evaluations."""
-    out = []
-    for key in sorted(metrics):
-        m = _PREFIX.match(key)
-        if not m:
-            continue
-        split, ts = m.group(1), bool(m.group(2))
-        prefix = f"{split}{'-ts' if ts else ''}-"
-        stats = CalibrationStats.from_metrics(metrics, prefix)
-        stats10 = CalibrationStats.from_metrics(metrics, prefix + "b10-")
-        ace = metrics.get(prefix + "adaptive-ece")
-        out.append(ClientEval(
-            node_id, int(identity["partition-id"]), str(identity["domain"]), str(identity["role"]), split,
-            ts_mode if ts else "none", float(metrics.get(prefix + "temperature", 1.0)), stats, stats10,
-            None if ace is None or ace != ace else float(ace),
-        ))
-    return out
-
-
 def pool(evals: list[ClientEval], server_round: int) -> list[dict[str, Any]]:
     """Pooled, per-group (seen/unseen) and per-domain rows from summed statistics (exact)."""
     rows = []
@@ -118,45 +98,144 @@ def default_run_name(cfg: RunConfig) -> str:
     return f"{cfg.method.name}-{cfg.fl.aggregator}-{stamp}"
 
 
+class RunFolderBusy(ConfigError):
+    """Another ServerApp holds the run folder's lock."""
+
+
 @dataclass
 class RunDirectory:
+    """One run folder with exactly one writer: the ServerApp holds ``.lock`` (an ``flock``, released
+    by the kernel even on ``kill -9``) from before its first write until it ends."""
+
     path: Path
     name: str
     resumed: bool = False
     _fh: Any = field(default=None, repr=False)
+    _lock: Any = field(default=None, repr=False)
+    _unwritten: list = field(default_factory=list, repr=False)
 
     @classmethod
-    def create(cls, cfg: RunConfig) -> RunDirectory:
+    def create(cls, cfg: RunConfig, owner: str = "") -> RunDirectory:
         if cfg.output.resume:
             path = expand_path(cfg.output.resume, "output.resume")
             if path.name in ("checkpoints",) or path.parent.name == "checkpoints":
                 path = path.parent if path.name == "checkpoints" else path.parent.parent
             if not (path / "config.json").is_file():
                 raise ConfigError(f"output.resume={cfg.output.resume!r} is not a fedcal run folder (no config.json); pass the folder a run wrote")
-            _check_compatible(cfg, json.loads((path / "config.json").read_text()))
             run = cls(path, path.name, resumed=True)
+            run._acquire(owner)
+            _check_compatible(cfg, _read_config(path))
         else:
             root = expand_path(cfg.output.dir, "output.dir")
             name = cfg.output.run_name or default_run_name(cfg)
             path = root / name
-            if (path / "metrics.jsonl").exists():
-                raise ConfigError(f"run folder {path} already holds a run: choose another output.run_name, or resume it with output.resume={str(path)!r}")
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "config.json").write_text(json.dumps(cfg.flat(), indent=2, sort_keys=True))
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"output.dir: cannot create the run folder {path} ({err.strerror}); set output.dir to a writable folder") from None
             run = cls(path, name)
+            run._acquire(owner)
+            if (path / "metrics.jsonl").exists():
+                run.close()
+                raise ConfigError(f"run folder {path} already holds a run: choose another output.run_name, or resume it with output.resume={str(path)!r}")
+            atomic_text(path / "config.json", json.dumps(cfg.flat(), indent=2, sort_keys=True))
         run._fh = open(run.path / "metrics.jsonl", "a", encoding="utf-8")
         return run
 
+    def _acquire(self, owner: str) -> None:
+        lock_path = self.path / ".lock"
+        try:
+            fh = open(lock_path, "a+", encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"output.dir: cannot write in {self.path} ({err.strerror}); choose a writable folder") from None
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise RunFolderBusy(f"run folder {self.path} is in use by {holder}: stop that run first (`flwr stop <run-id>`) or wait for it to end") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}{f' ({owner})' if owner else ''} since {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+        fh.flush()
+        self._lock = fh
+
+    def keep_rounds_up_to(self, last_round: int) -> list[dict[str, Any]]:
+        """Resume: cut a torn last line, drop rows of rounds after the checkpoint and every join row
+        (all nodes join again), so that the records continue exactly as an uninterrupted run's."""
+        path = self.path / "metrics.jsonl"
+        kept, lines = [], []
+        if path.exists():
+            for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # empty, or torn by a crash
+                if isinstance(row, dict) and row.get("round", 0) <= last_round and row.get("phase") != "join":
+                    kept.append(row)
+                    lines.append(line)
+        if self._fh:
+            self._fh.close()
+        atomic_text(path, "".join(line + "\n" for line in lines))
+        self._fh = open(path, "a", encoding="utf-8")
+        return kept
+
     def write(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            self._fh.write(json.dumps({"time": round(time.time(), 3), **row}, default=_jsonable) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        """Append rows (strict JSON: non-finite numbers become null), flushed and fsync'ed. A failed
+        write (disk full) is logged and retried with the next write; it never ends the run."""
+        self._unwritten += [json.dumps(_finite({"time": round(time.time(), 3), **row}), default=_jsonable, allow_nan=False) + "\n" for row in rows]
+        if not self._unwritten or self._fh is None:
+            return
+        try:
+            self._fh.write("".join(self._unwritten))
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._unwritten = []
+        except OSError as err:
+            import logging
+
+            logging.getLogger("flwr.fedcal").error("cannot write %s (%s); %d rows are kept and retried with the next write",
+                                                   self.path / "metrics.jsonl", err.strerror, len(self._unwritten))
 
     def close(self) -> None:
         if self._fh:
             self._fh.close()
             self._fh = None
+        if self._lock:
+            self._lock.close()  # releases the flock
+            self._lock = None
+
+
+def atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads((path / "config.json").read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not an object")
+        return saved
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path / 'config.json'} is unreadable ({err}); it cannot be resumed: start a new run") from None
+
+
+def _finite(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 # keys that may differ between the interrupted run and its resumption

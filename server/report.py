@@ -12,6 +12,7 @@ from typing import Any
 
 from common.calibration import CalibrationStats, reliability_diagram
 
+from .ledger import totals_from_rows
 from .records import read_records
 
 
@@ -45,9 +46,10 @@ def build(run_dir: Path, extra: dict[str, Any] | None = None, diagrams: bool = T
     summary.update(extra or {})
     rounds_done = [r["round"] for r in records if r["kind"] == "round"]
     summary["completed_rounds"] = max(rounds_done) if rounds_done else 0
-    summary["rejected_updates"] = sum(1 for r in records if r["kind"] == "rejected")
+    summary["replies"] = totals_from_rows(records)  # the ledger's totals, from the records
+    summary["rejected_updates"] = sum(summary["replies"]["rejected"].values())
     summary["missing_replies"] = [{"round": r["round"], "phase": r["phase"], "partition": r.get("partition")} for r in records if r["kind"] == "missing"]
-    summary["failed_replies"] = sum(1 for r in records if r["kind"] == "failed")
+    summary["failed_replies"] = sum(summary["replies"]["failed"].values())
     summary["bytes_sent"] = sum(r.get("bytes_sent", 0) for r in records if r["kind"] == "round")
     summary["bytes_received"] = sum(r.get("bytes_received", 0) for r in records if r["kind"] == "round")
     temps = [r for r in records if r["kind"] == "temperature"]

@@ -43,14 +43,16 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import RunConfig
-from common.tensors import from_record, record_nbytes, validate_update
+from common.tensors import from_record, record_nbytes
 
 from . import checkpoint
 from .aggregators import FedDyn, FedNova
+from .ledger import Ledger
 from .monitoring import Monitor
 from .nodes import GridView, NodeRegistry, reply_source
-from .records import ClientEval, RunDirectory, parse_eval_reply, pool
+from .records import ClientEval, RunDirectory, pool
 from .temperature import fit_global_temperature
+from .validation import Rejection, check_evaluate, check_train
 
 log = logging.getLogger("flwr.fedcal")
 
@@ -76,23 +78,24 @@ def _seed(*parts: int) -> int:
 class FedCalMixin:
     """Mixed in front of a Flower strategy; see the module docstring."""
 
-    def setup(self, cfg: RunConfig, run: RunDirectory, registry: NodeRegistry, monitor: Monitor, round_offset: int = 0) -> None:
+    def setup(self, cfg: RunConfig, run: RunDirectory, registry: NodeRegistry, monitor: Monitor, round_offset: int = 0, ledger: Ledger | None = None) -> None:
         self.cfg, self.run, self.registry, self.monitor = cfg, run, registry, monitor
         self.round_offset = round_offset
         self.reference: dict[str, np.ndarray] = {}
         self.sampled: dict[str, set[int]] = {"train": set(), "evaluate": set()}
+        self.eval_ts_mode = "none"
         self.sent: dict[str, list[Message]] = {"train": [], "evaluate": []}
         self.round_bytes = [0, 0]  # sent, received
         self.round_started = time.monotonic()
         self.round_notes: dict[str, Any] = {}
-        self.totals: dict[str, Any] = {"bytes_sent": 0, "bytes_received": 0, "rejected": {}, "missing": 0, "failed": 0}
+        self.ledger = ledger or Ledger(run, monitor)
+        self.traffic: dict[str, int] = {"bytes_sent": 0, "bytes_received": 0}
         self.best: dict[str, Any] = {"round": None, "metric": None, "value": None}
         self.last_eval: list[ClientEval] = []
         self.last_pooled: list[dict] = []
         self.temperature: dict[str, Any] = {"mode": cfg.eval.temperature_scaling, "value": None, "round": None}
         self.t_start = time.monotonic()
         self.extra_meta: dict[str, Any] = {}
-        self.join_failures_recorded: set[int] = set()
 
     # ------------------------------------------------------------------ helpers
     def true_round(self, server_round: int) -> int:
@@ -105,14 +108,31 @@ class FedCalMixin:
         info = self._info(node)
         return {"node_id": node, "partition": info.partition_id if info else None, "domain": info.domain if info else None, "role": info.role if info else None}
 
-    def record_join_failures(self, rnd: int) -> None:
-        """Nodes whose identity query failed (e.g. a node config without partition-id): record once."""
-        new = {n: r for n, r in self.registry.failed.items() if n not in self.join_failures_recorded}
-        for node, reason in new.items():
-            self.run.write([{"kind": "failed", "round": rnd, "phase": "join", "node_id": node, "partition": None, "domain": None, "role": None, "reason": reason}])
-            self.monitor.count("failed", "join")
-            self.totals["failed"] += 1
-            self.join_failures_recorded.add(node)
+    def _safely(self, what: str, fn, *args) -> Any:
+        """Run a step that must never end a round (monitoring, pooling, diagrams): log its failure."""
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001 - isolation is the point
+            log.error("%s failed and was skipped (the round goes on): %s: %s", what, type(err).__name__, err)
+            return None
+
+    def _screen(self, msg: Message, phase: str, rnd: int, answered: set[int]) -> int | None:
+        """The reply's node if it may be validated; else it is recorded (failed, unsampled, duplicate)."""
+        node = reply_source(msg, self.sent[phase])
+        ident = self._ident(node)
+        if node not in self.sampled[phase] or node in answered:
+            reason = "duplicate" if node in answered else "unsampled"
+            self.ledger.note("rejected", rnd, phase, ident, reason, f"a {phase} reply from a node that was not asked (or already answered)")
+            return None
+        answered.add(node)
+        if msg.has_error():
+            self.ledger.note("failed", rnd, phase, ident, msg.error.reason)
+            return None
+        return node
+
+    def _note_missing(self, phase: str, rnd: int, answered: set[int]) -> None:
+        for node in sorted(self.sampled[phase] - answered):
+            self.ledger.note("missing", rnd, phase, self._ident(node), "no reply within fl.round_timeout")
 
     def _sample(self, call, rnd: int):
         """Run Flower's (random.sample based) node sampling under a per-round seed."""
@@ -129,8 +149,8 @@ class FedCalMixin:
         self.round_started = time.monotonic()
         self.round_bytes = [0, 0]
         self.round_notes = {}
-        self.registry.discover(grid)
-        self.record_join_failures(rnd)
+        self.registry.discover(grid, self.ledger, rnd)
+        self.ledger.flush()
         self.reference = {k: v.numpy() for k, v in arrays.items()}
         config["run-name"] = self.run.name
         seen = self.registry.seen(grid.get_node_ids())
@@ -143,57 +163,45 @@ class FedCalMixin:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = self.true_round(server_round)
-        replies = list(replies)
-        rows, valid = [], []
+        valid: list[Message] = []
+        answered: set[int] = set()
         for msg in replies:
-            node = reply_source(msg, self.sent["train"])
-            ident = self._ident(node)
-            if msg.has_error():
-                rows.append({"kind": "failed", "round": rnd, "phase": "train", **ident, "reason": msg.error.reason})
-                self.monitor.count("failed", "train")
-                self.totals["failed"] += 1
-                log.warning("round %d: node %d (partition %s) failed: %s", rnd, node, ident["partition"], msg.error.reason)
+            node = self._screen(msg, "train", rnd, answered)
+            if node is None:
                 continue
-            content = msg.content
-            if "arrays" not in content.array_records or "metrics" not in content.metric_records or len(content.array_records) != 1:
-                rejection = ("format", "reply lacks exactly one 'arrays' ArrayRecord and a 'metrics' MetricRecord")
-            else:
-                rej = validate_update(content["arrays"], self.reference, self.cfg.fl.max_update_norm)
-                rejection = (rej.reason, rej.detail) if rej else None
-            if rejection:
-                reason, detail = rejection
-                rows.append({"kind": "rejected", "round": rnd, **ident, "reason": reason, "detail": detail})
-                self.monitor.count("rejected", reason)
-                self.totals["rejected"][reason] = self.totals["rejected"].get(reason, 0) + 1
-                log.warning("round %d: rejected the update of node %d (partition %s): %s: %s", rnd, node, ident["partition"], reason, detail)
+            try:
+                checked = check_train(msg, node, self._info(node), rnd, self.reference, self.cfg)
+            except Rejection as rej:
+                self.ledger.note("rejected", rnd, "train", self._ident(node), rej.reason, rej.detail)
                 continue
-            nbytes = record_nbytes(content["arrays"])
-            self.round_bytes[1] += nbytes
-            metrics = dict(content["metrics"])
-            rows.append({"kind": "train", "round": rnd, **ident, "update_bytes": nbytes, **metrics})
-            if self._info(node):
-                self.monitor.client_train(rnd, self._info(node), metrics, nbytes)
+            self.round_bytes[1] += checked.nbytes
+            self.ledger.note("trained", rnd, "train", self._ident(node), fields={**checked.metrics, "update_bytes": checked.nbytes})
+            self._safely("monitoring", self.monitor.client_train, rnd, self._info(node), checked.metrics, checked.nbytes)
             valid.append(msg)
-        replied = {reply_source(m, self.sent["train"]) for m in replies}
-        for node in sorted(self.sampled["train"] - replied):
-            rows.append({"kind": "missing", "round": rnd, "phase": "train", **self._ident(node)})
-            self.monitor.count("missing", "train")
-            self.totals["missing"] += 1
-            log.warning("round %d: node %d (partition %s) sent no training reply within fl.round_timeout", rnd, node, self._ident(node)["partition"])
+        self._note_missing("train", rnd, answered)
         self.round_notes.update(train_sampled=len(self.sampled["train"]), train_valid=len(valid))
         aggregated, metrics = None, None
         if self.sampled["train"] and len(valid) < self.min_train_nodes:
             log.warning("round %d: %d valid updates < fl.min_train_nodes=%d; the global state stays as it was", rnd, len(valid), self.min_train_nodes)
         elif valid:
-            # a fixed order (by partition) makes the floating-point sums, hence resumed runs, reproducible
-            valid.sort(key=lambda m: (self._ident(m.metadata.src_node_id)["partition"] or 0, m.metadata.src_node_id))
-            aggregated, metrics = super().aggregate_train(rnd, valid)
-            if aggregated is not None and not all(np.isfinite(a.numpy()).all() for a in aggregated.values()):
-                log.error("round %d: the aggregate is not finite; it is discarded and the global state stays as it was", rnd)
-                self.monitor.count("rejected", "aggregate")
-                aggregated = None
+            aggregated, metrics = self._aggregate(rnd, valid)
         self.round_notes["aggregated"] = aggregated is not None
-        self.run.write(rows)
+        self.ledger.flush()
+        return aggregated, metrics
+
+    def _aggregate(self, rnd: int, valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's aggregation of the valid replies; a failure or a non-finite result keeps the global state."""
+        # a fixed order (by partition) makes the floating-point sums, hence resumed runs, reproducible
+        valid.sort(key=lambda m: (self._ident(m.metadata.src_node_id)["partition"] or 0, m.metadata.src_node_id))
+        none = {"node_id": None, "partition": None, "domain": None, "role": None}
+        try:
+            aggregated, metrics = super().aggregate_train(rnd, valid)
+        except Exception as err:  # noqa: BLE001 - e.g. Krum with too few replies
+            self.ledger.note("rejected", rnd, "aggregate", none, "aggregate", f"{type(err).__name__}: {err}")
+            return None, None
+        if aggregated is not None and not all(np.isfinite(a.numpy()).all() for a in aggregated.values()):
+            self.ledger.note("rejected", rnd, "aggregate", none, "aggregate", "the aggregate is not finite; the global state stays as it was")
+            return None, None
         return aggregated, metrics
 
     # ------------------------------------------------------------------ evaluation
@@ -205,23 +213,25 @@ class FedCalMixin:
         self.sampled["evaluate"] = set()
         if not self.evaluates(rnd):
             return []
-        self.registry.discover(grid)
-        self.record_join_failures(rnd)
+        self.registry.discover(grid, self.ledger, rnd)
+        self.ledger.flush()
         connected = list(grid.get_node_ids())
         seen, unseen = self.registry.seen(connected), self.registry.unseen(connected)
         mode = self.cfg.eval.temperature_scaling
         config["ts-mode"] = "none"
         if mode != "none" and (rnd == self.cfg.fl.rounds or self.cfg.eval.ts_every_round) and seen:
-            gt = fit_global_temperature(grid, seen, arrays, self.cfg.fl.round_timeout, self.cfg.eval.ts_grid_size)
+            gt = fit_global_temperature(grid, seen, arrays, self.cfg.fl.round_timeout, self.cfg.eval.ts_grid_size,
+                                        registry=self.registry, ledger=self.ledger, rnd=rnd, ts_split=self.cfg.eval.ts_split)
             self.round_bytes[0] += record_nbytes(arrays) * len(seen)
             config["ts-mode"], config["temperature"] = mode, gt.temperature
             self.temperature.update(value=gt.temperature, round=rnd, nll_before=gt.nll_at_one, nll_after=gt.nll_at_t, examples=gt.examples, clients=gt.clients)
-            self.monitor.global_temperature(gt.temperature)
-            self.run.write([{"kind": "temperature", "round": rnd, "mode": mode, "temperature": gt.temperature, "nll_at_1": gt.nll_at_one,
+            self._safely("monitoring", self.monitor.global_temperature, gt.temperature)
+            self.ledger.flush([{"kind": "temperature", "round": rnd, "mode": mode, "temperature": gt.temperature, "nll_at_1": gt.nll_at_one,
                              "nll_at_t": gt.nll_at_t, "examples": gt.examples, "clients": gt.clients, "at_grid_edge": gt.at_edge, "errors": gt.errors}])
             log.info("round %d: federated temperature %.4f (pooled %s NLL %.4f -> %.4f over %d examples of %d clients)", rnd, gt.temperature,
                      self.cfg.eval.ts_split, gt.nll_at_one or float("nan"), gt.nll_at_t or float("nan"), gt.examples, gt.clients)
         config["server-round"] = rnd
+        self.eval_ts_mode = str(config["ts-mode"])
         messages: list[Message] = []
         if seen and self.fraction_evaluate > 0:
             view = GridView(grid, seen, minimum=min(self.min_evaluate_nodes, len(seen)), timeout=self.cfg.fl.node_wait_timeout)
@@ -238,40 +248,37 @@ class FedCalMixin:
         replies = list(replies)
         if not replies and not self.sampled["evaluate"]:
             return None
-        rows: list[dict] = []
         evals: list[ClientEval] = []
-        mode = self.cfg.eval.temperature_scaling
+        answered: set[int] = set()
+        ts_mode = str(self.eval_ts_mode)
+        n_classes = len(self.registry.class_names())
         for msg in replies:
-            node = reply_source(msg, self.sent["evaluate"])
-            if msg.has_error():
-                rows.append({"kind": "failed", "round": rnd, "phase": "evaluate", **self._ident(node), "reason": msg.error.reason})
-                self.monitor.count("failed", "evaluate")
-                self.totals["failed"] += 1
-                log.warning("round %d: evaluation on node %d failed: %s", rnd, node, msg.error.reason)
+            node = self._screen(msg, "evaluate", rnd, answered)
+            if node is None:
                 continue
             try:
-                evals += parse_eval_reply(node, dict(msg.content["client"]), dict(msg.content["metrics"]), mode)
-            except (KeyError, ValueError) as err:
-                rows.append({"kind": "rejected", "round": rnd, **self._ident(node), "reason": "format", "detail": f"evaluation reply: {err}"})
-                self.monitor.count("rejected", "format")
-        replied = {reply_source(m, self.sent["evaluate"]) for m in replies}
-        for node in sorted(self.sampled["evaluate"] - replied):
-            rows.append({"kind": "missing", "round": rnd, "phase": "evaluate", **self._ident(node)})
-            self.monitor.count("missing", "evaluate")
-            self.totals["missing"] += 1
-        pooled = pool(evals, rnd)
-        rows += [e.row(rnd) for e in evals] + pooled
-        self.run.write(rows)
-        self.monitor.client_eval(evals)
-        self.monitor.pooled_rows(pooled)
+                mine = check_evaluate(msg, node, self._info(node), rnd, self.cfg, n_classes, ts_mode)
+            except Rejection as rej:
+                self.ledger.note("rejected", rnd, "evaluate", self._ident(node), rej.reason, rej.detail)
+                continue
+            self.ledger.note("evaluated", rnd, "evaluate", self._ident(node), fields={"splits": sorted({e.split for e in mine})})
+            evals += mine
+        self._note_missing("evaluate", rnd, answered)
+        pooled = self._safely("pooling", pool, evals, rnd) or []
+        self.ledger.flush([e.row(rnd) for e in evals] + pooled)
+        self._safely("monitoring", self.monitor.client_eval, evals)
+        self._safely("monitoring", self.monitor.pooled_rows, pooled)
         self.last_eval, self.last_pooled = evals, pooled
         self.round_notes.update(eval_clients=len({e.node_id for e in evals}), eval_sampled=len(self.sampled["evaluate"]))
+        self._update_best(rnd, pooled)
+        return MetricRecord({f"{r['split']}-{r['ts']}-{k}": float(r[k]) for r in pooled if r["kind"] == "pooled" for k in ("accuracy", "ece", "nll") if r.get(k) is not None})
+
+    def _update_best(self, rnd: int, pooled: list[dict]) -> None:
         head = self._headline(pooled)
         if head and head.get("accuracy") is not None:
             metric = f"pooled {head['split']} accuracy"
             if self.best["value"] is None or head["accuracy"] > self.best["value"]:
                 self.best = {"round": rnd, "metric": metric, "value": head["accuracy"]}
-        return MetricRecord({f"{r['split']}-{r['ts']}-{k}": float(r[k]) for r in pooled if r["kind"] == "pooled" for k in ("accuracy", "ece", "nll") if r.get(k) is not None})
 
     def _headline(self, pooled: list[dict], group: str = "all", ts: str = "none") -> dict | None:
         for split in ("test", "val", "train"):
@@ -287,11 +294,14 @@ class FedCalMixin:
         rnd = self.true_round(server_round)
         seconds = time.monotonic() - self.round_started
         sent, received = self.round_bytes
-        self.totals["bytes_sent"] += sent
-        self.totals["bytes_received"] += received
-        self.run.write([{"kind": "round", "round": rnd, "seconds": seconds, "bytes_sent": sent, "bytes_received": received, **self.round_notes}])
-        checkpoint.save(self.run.path, rnd, from_record(arrays), self.strategy_arrays(), self.meta(rnd), keep_rounds=self.cfg.output.keep_round_checkpoints)
-        self.monitor.round_done(rnd, seconds, sent, received)
+        self.traffic["bytes_sent"] += sent
+        self.traffic["bytes_received"] += received
+        self.ledger.flush([{"kind": "round", "round": rnd, "seconds": seconds, "bytes_sent": sent, "bytes_received": received, **self.round_notes}])
+        try:
+            checkpoint.save(self.run.path, rnd, from_record(arrays), self.strategy_arrays(), self.meta(rnd), keep_rounds=self.cfg.output.keep_round_checkpoints)
+        except OSError as err:  # e.g. a full disk: the run goes on, the next round tries again
+            log.error("round %d: cannot write the checkpoint in %s (%s); the previous checkpoint stays in place", rnd, self.run.path / "checkpoints", err)
+        self._safely("monitoring", self.monitor.round_done, rnd, seconds, sent, received)
         log.info(self._console_line(rnd, seconds))
         if self.cfg.fault.stop_after_round and rnd >= self.cfg.fault.stop_after_round and rnd < self.cfg.fl.rounds:
             raise SimulatedCrash(f"fault.stop_after_round={self.cfg.fault.stop_after_round}: stopping after round {rnd} (test only)")
@@ -341,15 +351,13 @@ class FedCalMixin:
             self.momentum_vector = [v for _, v in mv]
 
     def meta(self, rnd: int) -> dict[str, Any]:
-        return {"run": self.run.name, "aggregator": self.cfg.fl.aggregator, "best": self.best, "totals": self.totals,
+        return {"run": self.run.name, "aggregator": self.cfg.fl.aggregator, "best": self.best, "totals": self.ledger.totals, "traffic": self.traffic,
                 "temperature": self.temperature, "elapsed_seconds": time.monotonic() - self.t_start, **self.extra_meta}
 
     def restore(self, ckpt: checkpoint.Checkpoint) -> None:
         self.load_strategy_arrays(ckpt.strategy_arrays)
         self.best = ckpt.meta.get("best", self.best)
-        totals = ckpt.meta.get("totals")
-        if totals:
-            self.totals.update(totals)
+        self.traffic.update(ckpt.meta.get("traffic", {}))
 
 
 def strategy_class(aggregator: str) -> type:
@@ -357,7 +365,8 @@ def strategy_class(aggregator: str) -> type:
     return type(f"FedCal{base.__name__}", (FedCalMixin, base), {})
 
 
-def build_strategy(cfg: RunConfig, run: RunDirectory, registry: NodeRegistry, monitor: Monitor, *, round_offset: int = 0, trainable: bool = True) -> FedCalMixin:
+def build_strategy(cfg: RunConfig, run: RunDirectory, registry: NodeRegistry, monitor: Monitor, *, round_offset: int = 0, trainable: bool = True,
+                   ledger: Ledger | None = None) -> FedCalMixin:
     f = cfg.fl
     kwargs: dict[str, Any] = dict(
         fraction_train=f.fraction_train if trainable else 0.0,
@@ -379,7 +388,7 @@ def build_strategy(cfg: RunConfig, run: RunDirectory, registry: NodeRegistry, mo
         "fednova": {"server_learning_rate": f.server_lr},
     }.get(f.aggregator, {})
     strategy = strategy_class(f.aggregator)(**kwargs, **extra)
-    strategy.setup(cfg, run, registry, monitor, round_offset)
+    strategy.setup(cfg, run, registry, monitor, round_offset, ledger)
     return strategy
 
 

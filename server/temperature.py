@@ -43,7 +43,15 @@ def choose(grid: list[float], sums: np.ndarray, examples: int) -> tuple[float, f
     return float(grid[i]), (float(sums[one]) / examples if one is not None else None), float(sums[i]) / examples, i in (0, len(grid) - 1)
 
 
-def fit_global_temperature(grid_api, node_ids: list[int], arrays: ArrayRecord, timeout: float, grid_size: int = 61) -> GlobalTemperature:
+def fit_global_temperature(grid_api, node_ids: list[int], arrays: ArrayRecord, timeout: float, grid_size: int = 61, *,
+                           registry=None, ledger=None, rnd: int = 0, ts_split: str = "val") -> GlobalTemperature:
+    """Ask ``node_ids`` for their NLL sums over the grid and pick the pooled minimiser.
+
+    Every reply passes server/validation.py first (grid length, finite non-negative sums, the
+    declared number of examples); an invalid or failed reply is left out and goes to the ledger.
+    """
+    from .validation import Rejection, check_nll_grid
+
     temps = default_temperature_grid(grid_size)
     messages = [
         Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"action": "nll-grid", "temperatures": temps})}), dst_node_id=n, message_type="query")
@@ -52,19 +60,42 @@ def fit_global_temperature(grid_api, node_ids: list[int], arrays: ArrayRecord, t
     total = np.zeros(len(temps))
     examples = clients = 0
     errors: dict[int, str] = {}
+    answered: set[int] = set()
     for msg in grid_api.send_and_receive(messages, timeout=timeout):
-        if msg.has_error():
-            errors[reply_source(msg, messages)] = msg.error.reason
+        node = reply_source(msg, messages)
+        ident = _ident(registry, node)
+        if node not in node_ids or node in answered:
+            errors[node] = "unsampled or duplicate reply"
+            _note(ledger, "rejected", rnd, ident, "duplicate" if node in answered else "unsampled", errors[node])
             continue
-        m = msg.content["metrics"]
-        sums = np.asarray(m["nll-sums"], dtype=np.float64)
-        if sums.shape != total.shape or not np.isfinite(sums).all():
-            errors[reply_source(msg, messages)] = "malformed nll-sums"
+        answered.add(node)
+        if msg.has_error():
+            errors[node] = msg.error.reason
+            _note(ledger, "failed", rnd, ident, msg.error.reason, None)
+            continue
+        try:
+            sums, n = check_nll_grid(msg, registry.info[node], len(temps), ts_split)
+        except Rejection as rej:
+            errors[node] = f"{rej.reason}: {rej.detail}"
+            _note(ledger, "rejected", rnd, ident, rej.reason, rej.detail)
             continue
         total += sums
-        examples += int(m["num-examples"])
+        examples += n
         clients += 1
+    for node in sorted(set(node_ids) - answered):
+        errors[node] = "no reply"
+        _note(ledger, "missing", rnd, _ident(registry, node), None, None)
     t, before, after, edge = choose(temps, total, examples)
     if edge:
         log.warning("federated temperature %.3g lies on the edge of the candidate grid [%.3g, %.3g]", t, temps[0], temps[-1])
     return GlobalTemperature(t, before, after, examples, clients, edge, errors)
+
+
+def _ident(registry, node: int) -> dict:
+    info = registry.info.get(node) if registry is not None else None
+    return {"node_id": node, "partition": getattr(info, "partition_id", None), "domain": getattr(info, "domain", None), "role": getattr(info, "role", None)}
+
+
+def _note(ledger, outcome: str, rnd: int, ident: dict, reason: str | None, detail: str | None) -> None:
+    if ledger is not None:
+        ledger.note(outcome, rnd, "nll-grid", ident, reason=reason, detail=detail)

@@ -25,7 +25,7 @@ def registry(n_seen=4, n_unseen=1, offset=100):
     reg = NodeRegistry()
     for p in range(n_seen + n_unseen):
         node = offset + 7 * (n_seen + n_unseen - p)  # node ids in the reverse order of partitions
-        reg.info[node] = NodeInfo(node, p, n_seen + n_unseen, f"d{p}", "seen" if p < n_seen else "unseen", CLASSES, {"train": 10, "val": 5, "test": 5})
+        reg.info[node] = NodeInfo(node, p, n_seen + n_unseen, f"d{p}", "seen" if p < n_seen else "unseen", CLASSES, {"train": 100, "val": 50, "test": 50})
     return reg
 
 
@@ -37,6 +37,16 @@ def make(tmp_path, reg=None, **overrides):
     strategy.reference = {k: v.copy() for k, v in GLOBAL.items()}
     strategy.sampled["train"] = set(reg.seen(reg.info))
     return strategy, run, reg
+
+
+def train_metrics(n=10, rnd=1, **over):
+    """A complete, honest training MetricRecord (exactly common.replies.TRAIN_METRIC_KEYS)."""
+    from common.replies import TRAIN_METRIC_KEYS
+
+    m = {k: 0.5 for k in TRAIN_METRIC_KEYS}
+    m.update({"num-examples": n, "local-steps": 3, "uniform-weight": 1, "server-round": rnd, "fednova-a": 3.0})
+    m.update(over)
+    return m
 
 
 def client_state(seed):
@@ -53,12 +63,15 @@ def test_bad_replies_are_rejected_and_the_round_completes(tmp_path):
     bad_shape = {"w": np.zeros((3, 3), np.float32), "b": GLOBAL["b"]}
     extra = {**client_state(4), "bogus": np.zeros(1, np.float32)}
     huge = {k: v + 1e6 for k, v in GLOBAL.items()}
-    replies = [reply(n, s, {"num-examples": 10 * (i + 1), "uniform-weight": 1}) for i, (n, s) in enumerate(honest.items())]
-    replies += [reply(seen[2], bad_nan, {"num-examples": 10, "uniform-weight": 1}),
-                reply(seen[3], bad_shape, {"num-examples": 10, "uniform-weight": 1}),
-                reply(999, extra, {"num-examples": 10, "uniform-weight": 1}),
-                reply(998, huge, {"num-examples": 10, "uniform-weight": 1}),
+    replies = [reply(n, s, train_metrics(10 * (i + 1))) for i, (n, s) in enumerate(honest.items())]
+    replies += [reply(seen[2], bad_nan, train_metrics()),
+                reply(seen[3], bad_shape, train_metrics()),
+                reply(999, extra, train_metrics()),
+                reply(998, huge, train_metrics()),
                 error_reply(997, "partition 9: data folder missing")]
+    strategy.sampled["train"] |= {997, 998, 999}
+    for node in (997, 998, 999):
+        reg.info[node] = NodeInfo(node, node, 1000, "x", "seen", CLASSES, {"train": 100, "val": 50, "test": 50})
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None
     expected = {k: (10 * honest[seen[0]][k] + 20 * honest[seen[1]][k]) / 30 for k in GLOBAL}
@@ -69,13 +82,14 @@ def test_bad_replies_are_rejected_and_the_round_completes(tmp_path):
     reasons = sorted(r["reason"] for r in rows if r["kind"] == "rejected")
     assert reasons == ["keys", "non-finite", "norm", "shape"]
     assert [r["reason"] for r in rows if r["kind"] == "failed"] == ["partition 9: data folder missing"]
-    assert strategy.totals["rejected"] == {"non-finite": 1, "shape": 1, "keys": 1, "norm": 1}
+    assert strategy.ledger.totals["rejected"] == {"non-finite": 1, "shape": 1, "keys": 1, "norm": 1}
+    assert strategy.ledger.totals["trained"] == {"train": 2} and strategy.ledger.totals["failed"] == {"train": 1}
 
 
 def test_too_few_valid_replies_keep_the_global_state(tmp_path):
     strategy, run, reg = make(tmp_path, fl__min_train_nodes=3)
     seen = reg.seen(reg.info)
-    replies = [reply(seen[0], client_state(1), {"num-examples": 5, "uniform-weight": 1})]
+    replies = [reply(seen[0], client_state(1), train_metrics(5))]
     assert strategy.aggregate_train(1, replies) == (None, None)
     rows = read_records(run.path)
     assert {r["partition"] for r in rows if r["kind"] == "missing"} == {1, 2, 3}
@@ -85,14 +99,14 @@ def test_uniform_weighting(tmp_path):
     strategy, _, reg = make(tmp_path, fl__weighting="uniform")
     seen = reg.seen(reg.info)
     a, b = client_state(1), client_state(2)
-    arrays, _ = strategy.aggregate_train(1, [reply(seen[0], a, {"num-examples": 1, "uniform-weight": 1}), reply(seen[1], b, {"num-examples": 99, "uniform-weight": 1})])
+    arrays, _ = strategy.aggregate_train(1, [reply(seen[0], a, train_metrics(1)), reply(seen[1], b, train_metrics(99))])
     assert np.allclose(arrays["w"].numpy(), (a["w"] + b["w"]) / 2, atol=1e-6)
 
 
 def eval_metrics(logits, labels, prefix):
     from client.train import evaluate_logits
 
-    return {**evaluate_logits(prefix.rstrip("-"), logits, labels, 15).metrics(prefix), "num-examples": len(labels)}
+    return {**evaluate_logits(prefix.rstrip("-"), logits, labels, 15).metrics(prefix), "num-examples": len(labels), "server-round": 1}
 
 
 def test_pooled_evaluation_is_exact_and_recorded(tmp_path):
@@ -136,7 +150,7 @@ def test_sampling_is_seeded_by_partition_and_never_picks_unseen(tmp_path):
     for offset in (100, 5000):  # different node ids, same partitions
         reg = registry(n_seen=6, n_unseen=2, offset=offset)
         strategy, _, _ = make(tmp_path / str(offset), reg=reg, fl__fraction_train=0.5)
-        strategy.registry.discover = lambda grid: []
+        strategy.registry.discover = lambda *a, **k: []
         arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
         msgs = strategy.configure_train(3, arrays, ConfigRecord({}), FakeGrid(reg.info))
         parts = sorted(reg.info[m.metadata.dst_node_id].partition_id for m in msgs)
@@ -166,13 +180,13 @@ def test_strategy_state_round_trip(tmp_path):
 def test_every_aggregator_aggregates_valid_replies(tmp_path, aggregator):
     set_identity()
     strategy, _, reg = make(tmp_path, fl__aggregator=aggregator)
-    strategy.registry.discover = lambda grid: []
+    strategy.registry.discover = lambda *a, **k: []
     arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
     config_record = ConfigRecord({})
     msgs = strategy.configure_train(1, arrays, config_record, FakeGrid(reg.info))
     if aggregator == "fedprox":
         assert config_record["proximal-mu"] == 0.01
-    replies = [reply(m.metadata.dst_node_id, client_state(i), {"num-examples": 10, "uniform-weight": 1, "fednova-a": 3.0}) for i, m in enumerate(msgs)]
+    replies = [reply(m.metadata.dst_node_id, client_state(i), train_metrics()) for i, m in enumerate(msgs)]
     out, _ = strategy.aggregate_train(1, replies)
     assert out is not None and all(np.isfinite(a.numpy()).all() and a.numpy().shape == GLOBAL[k].shape for k, a in out.items())
 
@@ -184,13 +198,13 @@ def test_superlink_generated_error_replies_are_attributed_to_their_node(tmp_path
 
     set_identity()
     strategy, run, reg = make(tmp_path)
-    strategy.registry.discover = lambda grid: []
+    strategy.registry.discover = lambda *a, **k: []
     arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
     msgs = list(strategy.configure_train(1, arrays, ConfigRecord({}), FakeGrid(reg.info)))
     for i, m in enumerate(msgs):
         m.metadata.__dict__["_message_id"] = f"id-{i}"  # what the Grid does when it pushes
     dead = msgs[-1]
-    replies = [reply(m.metadata.dst_node_id, client_state(i), {"num-examples": 10, "uniform-weight": 1}) for i, m in enumerate(msgs[:-1])]
+    replies = [reply(m.metadata.dst_node_id, client_state(i), train_metrics()) for i, m in enumerate(msgs[:-1])]
     replies.append(create_message_error_unavailable_res_message(dead.metadata, "node_unavail"))
     assert replies[-1].metadata.src_node_id != dead.metadata.dst_node_id
     strategy.aggregate_train(1, replies)
