@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC
 from functools import wraps
 from pathlib import Path
 from typing import Annotated
@@ -258,6 +259,11 @@ def run_cmd(
         flat.update(config.parse_overrides(item))
     cfg = config.from_flat(flat)
     run_dir = _resolve_run_folder(flat, cfg)
+    from .runlock import holder
+
+    busy = holder(run_dir) if run_dir.is_dir() else None
+    if busy:
+        raise config.ConfigError(f"run folder {run_dir} is in use by {busy}: stop that run first, or wait for it to end")
     if not federation_config and not connection:
         federation_config = f"num-supernodes={count_partitions(cfg.data) or cfg.fl.min_available_nodes}"
     handle, path = tempfile.mkstemp(prefix="fedcal-run-", suffix=".toml")
@@ -282,14 +288,14 @@ def run_cmd(
 
 def _resolve_run_folder(flat: dict, cfg) -> Path:
     """The folder the run will write (a generated run name is fixed here, so it is known)."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from .config import expand_path
 
     if cfg.output.resume:
         return expand_path(cfg.output.resume, "output.resume")
     if not cfg.output.run_name:
-        flat["output.run_name"] = f"{cfg.method.name}-{cfg.fl.aggregator}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+        flat["output.run_name"] = f"{cfg.method.name}-{cfg.fl.aggregator}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     flat["output.dir"] = str(expand_path(cfg.output.dir, "output.dir"))
     return Path(flat["output.dir"]) / flat["output.run_name"]
 

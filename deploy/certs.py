@@ -50,7 +50,7 @@ def generate(out: Path, sans: list[str], supernodes: int = 0, days: int = 365) -
     out.mkdir(parents=True, exist_ok=True)
     if not sans:
         raise ValueError("give at least one --san: the host name or IP address SuperNodes and the flwr CLI dial")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
         x509.CertificateBuilder().subject_name(_name("fedcal CA")).issuer_name(_name("fedcal CA"))

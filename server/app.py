@@ -94,7 +94,7 @@ def _run_in(run: RunDirectory, cfg: RunConfig, grid: Grid) -> dict:
             log.info("resuming %s after round %d", run.name, start_round)
         registry = NodeRegistry(info_timeout=cfg.fl.round_timeout)
         registry.wait_for_nodes(grid, cfg.fl.min_available_nodes, cfg.fl.node_wait_timeout)
-        registry.discover(grid, ledger, start_round)
+        registry.discover(grid, ledger, 0)  # round 0: the start (a resumed run re-admits every node)
         ledger.flush()
         if registry.num_seen() < cfg.fl.min_train_nodes:
             raise FederationError(f"fl.min_train_nodes={cfg.fl.min_train_nodes} but only {registry.num_seen()} connected clients may train "

@@ -17,17 +17,16 @@ Every line is flushed and fsync'ed before the next round starts.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common import runlock
 from common.calibration import CalibrationStats
 from common.config import ConfigError, RunConfig, expand_path
 
@@ -94,7 +93,7 @@ def pool(evals: list[ClientEval], server_round: int) -> list[dict[str, Any]]:
 
 
 def default_run_name(cfg: RunConfig) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return f"{cfg.method.name}-{cfg.fl.aggregator}-{stamp}"
 
 
@@ -143,23 +142,13 @@ class RunDirectory:
         return run
 
     def _acquire(self, owner: str) -> None:
-        lock_path = self.path / ".lock"
         try:
-            fh = open(lock_path, "a+", encoding="utf-8")
+            self._lock = runlock.acquire(self.path, owner)
         except OSError as err:
             raise ConfigError(f"output.dir: cannot write in {self.path} ({err.strerror}); choose a writable folder") from None
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise RunFolderBusy(f"run folder {self.path} is in use by {holder}: stop that run first (`flwr stop <run-id>`) or wait for it to end") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}{f' ({owner})' if owner else ''} since {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
-        fh.flush()
-        self._lock = fh
+        if self._lock is None:
+            raise RunFolderBusy(f"run folder {self.path} is in use by {runlock.holder(self.path) or 'another process'}: "
+                                "stop that run first (`flwr stop <run-id>`) or wait for it to end")
 
     def keep_rounds_up_to(self, last_round: int) -> list[dict[str, Any]]:
         """Resume: cut a torn last line, drop rows of rounds after the checkpoint and every join row

@@ -9,6 +9,8 @@ after round 2 and resumed finishes with exactly the state of an uninterrupted ru
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,9 @@ from safetensors.numpy import load_file
 from common.calibration import CalibrationStats
 from server.records import read_records
 from tests.processes import (
+    BIN,
     ROOT,
+    Proc,
     base_env,
     flwr,
     free_port,
@@ -43,11 +47,16 @@ def simulation(tmp_path_factory, pacs_dir):
         wait_healthy(f"http://127.0.0.1:{port}/health", link)
         write_connection(home, "sim", f"127.0.0.1:{port}")
 
-        def run(name: str, **overrides) -> tuple[Path, str]:
+        def command(name: str, overrides: dict) -> list[str]:
             cfg = preset(ROOT / "configs" / "offline-smoke.toml", home / f"{name}.toml", **{"output.dir": str(home / "runs"), "output.run_name": name, **overrides})
-            res = flwr(["run", ".", "sim", "--stream", "--run-config", str(cfg), "--federation-config", FEDERATION], env, timeout=600)
+            return ["run", ".", "sim", "--stream", "--run-config", str(cfg), "--federation-config", FEDERATION]
+
+        def run(name: str, **overrides) -> tuple[Path, str]:
+            res = flwr(command(name, overrides), env, timeout=600)
             return home / "runs" / name, res.stdout + res.stderr
 
+        run.env, run.home = env, home
+        run.submit = lambda name, **overrides: Proc([str(BIN / "flwr"), *command(name, overrides)], env, home / f"{name}.log")
         yield run
 
 
@@ -107,3 +116,105 @@ def test_resumed_run_equals_uninterrupted(simulation):
         assert np.array_equal(a[k], b[k]), k
     rows = read_records(cut_dir)
     assert sorted({r["round"] for r in rows if r["kind"] == "round"}) == [1, 2, 3]
+
+
+IN_RANGE = ("accuracy", "ece", "ece10", "mce", "classwise_ece", "adaptive_ece")
+
+
+def test_misbehaving_clients_are_rejected_and_the_run_completes(simulation):
+    """Forged weights, a stale round, forged calibration sums and a forged identity (run A), against
+    the same partitions simply crashing in training plus forged NLL sums (run B): both finish, every
+    bad reply is rejected with its reason, and both final states are the aggregate of the honest
+    client alone."""
+    common = {"fl.min_train_nodes": 1}
+    a_dir, out_a = simulation("forged", **common, **{"fault.plan": "0:forged-calibration,1:weight,2:stale-round,3:relabel"})
+    b_dir, out_b = simulation("crashing", **common, **{"fault.plan": "0:negative-nll,1:crash,2:crash"})
+    for run_dir, out in ((a_dir, out_a), (b_dir, out_b)):
+        assert (run_dir / "summary.json").exists(), out[-5000:]
+        rows = read_records(run_dir)
+        assert sorted(r["round"] for r in rows if r["kind"] == "round") == [1, 2]
+        for r in rows:
+            if r["kind"] in ("client", "pooled", "group", "domain"):
+                assert all(r[k] is None or 0 <= r[k] <= 1 for k in IN_RANGE), r
+                assert r["n"] >= 0 and r["nll"] >= 0 and r["brier"] >= 0
+        state = json.loads((run_dir / "checkpoints" / "round-00002" / "state.json").read_text())
+        from server.ledger import totals_from_rows
+
+        assert state["totals"] == totals_from_rows(rows)
+    rows = read_records(a_dir)
+    rejected = sorted((r["round"], r["phase"], r["partition"], r["reason"]) for r in rows if r["kind"] == "rejected")
+    assert rejected == [(rnd, phase, p, reason) for rnd in (1, 2) for phase, p, reason in
+                        (("evaluate", 0, "calibration"), ("train", 1, "weight"), ("train", 2, "round"))]
+    assert sorted(r["partition"] for r in rows if r["kind"] == "train") == [0, 0]
+    sketch = {(r["partition"], r["domain"], r["role"]) for r in rows if r["kind"] == "client" and r["partition"] == 3}
+    assert sketch == {(3, "sketch", "unseen")}, "the relabelled reply must carry the registry's identity"
+    rows_b = read_records(b_dir)
+    assert sorted((r["round"], r["partition"]) for r in rows_b if r["kind"] == "failed") == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    nll = [r for r in rows_b if r["kind"] == "rejected"]
+    assert [(r["phase"], r["partition"], r["reason"]) for r in nll] == [("nll-grid", 0, "nll-grid")]
+    temp = next(r for r in rows_b if r["kind"] == "temperature")
+    assert temp["clients"] == 2 and 0.25 <= temp["temperature"] <= 4.0
+    a = load_file(str(a_dir / "final" / "global.safetensors"))
+    b = load_file(str(b_dir / "final" / "global.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+VOLATILE = {"time", "seconds", "train-seconds", "node_id", "wall_seconds"}
+
+
+def comparable(rows: list[dict]) -> list[str]:
+    return sorted(json.dumps({k: v for k, v in r.items() if k not in VOLATILE}, sort_keys=True) for r in rows)
+
+
+def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_records(simulation, tmp_path):
+    import os
+    import signal
+    import time
+
+    cfg = {"fl.rounds": 3, "eval.temperature_scaling": "none"}
+    full_dir, out = simulation("uninterrupted", **cfg)
+    assert (full_dir / "final").exists(), out[-3000:]
+    started = simulation.submit("killed", **cfg)
+    killed = full_dir.parent / "killed"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait for round 2's first training rows, then kill -9 the ServerApp
+        rows = read_records(killed) if (killed / "metrics.jsonl").exists() else []
+        if any(r["kind"] == "train" and r["round"] == 2 for r in rows):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(started.output()[-3000:])
+    holder = (killed / ".lock").read_text().split()
+    os.kill(int(holder[1]), signal.SIGKILL)
+    started.kill()
+    with open(killed / "metrics.jsonl", "a") as fh:
+        fh.write('{"kind": "client", "round": 2, "acc')  # as if the kill cut a write
+    _, out = simulation("killed-resume", **cfg, **{"output.resume": str(killed)})
+    assert (killed / "final").exists(), out[-5000:]
+    assert comparable(read_records(killed)) == comparable(read_records(full_dir))
+    a, b = load_file(str(full_dir / "final" / "global.safetensors")), load_file(str(killed / "final" / "global.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def fedcal_run(simulation, *overrides: str) -> subprocess.CompletedProcess:
+    args = [str(BIN / "fedcal"), "run", "configs/offline-smoke.toml", f'output.dir="{simulation.home / "runs"}"', *overrides,
+            "--connection", "sim", "--federation-config", FEDERATION]
+    return subprocess.run(args, env=simulation.env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_fedcal_run_exits_non_zero_when_the_run_fails_and_refuses_a_busy_folder(simulation):
+    from common import runlock
+
+    res = fedcal_run(simulation, 'output.run_name="fails"', "fl.min_train_nodes=9")
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "fl.min_train_nodes=9" in errors[0], res.stderr[-3000:]
+    folder = simulation.home / "runs" / "fails"
+    assert json.loads((folder / "status.json").read_text())["status"] == "failed"
+    held = runlock.acquire(folder, "a test")  # another writer holds the folder
+    try:
+        res = fedcal_run(simulation, f'output.resume="{folder}"')
+    finally:
+        held.close()
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1 and f"pid {os.getpid()}" in errors[0], res.stderr[-3000:]
