@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -436,46 +435,3 @@ def default_temperature_grid(n: int = 61, t_min: float = 0.25, t_max: float = 4.
     if t_min <= 1.0 <= t_max:
         grid[np.argmin(np.abs(np.log(grid)))] = 1.0
     return [float(v) for v in grid]
-
-
-# --------------------------------------------------------------------- plotting
-def reliability_diagram(
-    stats: CalibrationStats, path: str | Path, title: str, *, extra: dict[str, str] | None = None
-) -> Path:
-    """Write a reliability diagram (top) and confidence histogram (bottom) as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(5.5, 6.5))
-    FigureCanvasAgg(fig)
-    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    width = 1.0 / stats.n_bins
-    centers = (np.arange(stats.n_bins) + 0.5) * width
-    acc, conf = stats.bin_accuracy(), stats.bin_confidence()
-    filled = stats.bin_count > 0
-
-    x, acc, conf = centers[filled], acc[filled], conf[filled]
-    top.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    top.bar(x, acc, width=width, color="tab:blue", edgecolor="black", label="accuracy")
-    gap_style = {"color": "tab:red", "alpha": 0.3, "edgecolor": "tab:red", "hatch": "//"}
-    top.bar(x, conf - acc, bottom=acc, width=width, label="gap to confidence", **gap_style)
-    lines = [f"N = {stats.total}"]
-    if stats.total:
-        lines += [f"ECE = {100 * stats.ece():.2f}%", f"MCE = {100 * stats.mce():.2f}%"]
-        lines += [f"Acc = {100 * stats.accuracy():.2f}%"]
-    else:
-        top.text(0.5, 0.5, "no samples", ha="center", va="center", transform=top.transAxes)
-    lines += [f"{key} = {value}" for key, value in (extra or {}).items()]
-    box = {"boxstyle": "round", "facecolor": "white", "alpha": 0.8}
-    top.text(0.03, 0.97, "\n".join(lines), transform=top.transAxes, va="top", bbox=box)
-    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title)
-    top.legend(loc="lower right", fontsize=8)
-
-    bottom.bar(centers, stats.bin_count, width=width, edgecolor="black", color="tab:gray")
-    bottom.set(xlabel="confidence", ylabel="count")
-    bottom.set_ylim(bottom=0)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    return path

@@ -43,11 +43,8 @@ def initial_trainable_state(cfg: RunConfig, class_names: list[str]) -> tuple[dic
 
     clip = load_clip(cfg.model.name, cfg.model.pretrained, device="cpu", precision=cfg.model.precision,
                      cache_dir=cfg.model.cache_dir or None, offline=cfg.model.offline)
-    total = sum(p.numel() for p in clip.model.parameters())
     method = build_method(cfg, clip, class_names, seed=cfg.optim.seed)
-    state = method.trainable_state()
-    info = {"trainable_params": int(sum(v.numel() for v in state.values())), "total_params": int(total),
-            "update_bytes": int(sum(v.numel() * 4 for v in state.values())), "full_model_bytes": int(total * 4)}
+    state, info = method.trainable_state(), method.sizes()
     del method, clip
     gc.collect()
     return state, info
@@ -123,6 +120,8 @@ def _run_in(run: RunDirectory, cfg: RunConfig, grid: Grid) -> dict:
                 final_arrays = result.arrays
         else:
             log.info("run %s already completed %d rounds", run.name, start_round)
+        if strategy.tb is not None:
+            strategy.tb.close()
         final_state = from_record(final_arrays)
         checkpoint.save_final(run.path, final_state, {"temperature": strategy.temperature, "best": strategy.best, "sizes": sizes})
         summary = report.build(run.path, extra={"sizes": sizes, "best": strategy.best, "wall_seconds": time.monotonic() - t0},

@@ -6,14 +6,59 @@ Everything is recomputed from the calibration sums stored in the records, so ``f
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
 
-from common.calibration import CalibrationStats, reliability_diagram
+from common.calibration import CalibrationStats
 
+from . import figures
 from .ledger import totals_from_rows
 from .records import read_records
+
+ROUND_COLUMNS = ["round", "split", "ts", "kind", "group", "partition", "domain", "role", "clients", "n", "accuracy", "ece", "ece10",
+                 "adaptive_ece", "mce", "classwise_ece", "nll", "brier", "temperature", "bytes_sent", "bytes_received"]
+
+
+def rounds_table(records: list[dict]) -> list[dict]:
+    """One row per round, split, TS setting and group (pooled, seen/unseen, domain) or client."""
+    temps = {r["round"]: r["temperature"] for r in records if r["kind"] == "temperature"}
+    traffic = {r["round"]: r for r in records if r["kind"] == "round"}
+    table = []
+    for r in records:
+        if r["kind"] not in ("pooled", "group", "domain", "client"):
+            continue
+        row = {k: r.get(k) for k in ROUND_COLUMNS}
+        if r["kind"] == "client":
+            row.update(group=f"client-{r['partition']}", clients=1)
+        else:
+            row["temperature"] = temps.get(r["round"]) if r["ts"] == "global" else (None if r["ts"] != "none" else 1.0)
+        t = traffic.get(r["round"], {})
+        row.update(bytes_sent=t.get("bytes_sent"), bytes_received=t.get("bytes_received"))
+        table.append(row)
+    order = {"pooled": 0, "group": 1, "domain": 2, "client": 3}
+    return sorted(table, key=lambda x: (x["round"], x["split"], x["ts"], order[x["kind"]], str(x["group"])))
+
+
+def headline_split(table: list[dict]) -> str:
+    splits = {r["split"] for r in table}
+    return "test" if "test" in splits or not splits else sorted(splits)[0]
+
+
+def write_round_outputs(run_dir: Path, records: list[dict] | None = None) -> list[dict]:
+    """rounds.csv and the curves (PNG + PDF), rebuilt from the records after every round."""
+    run_dir = Path(run_dir)
+    table = rounds_table(read_records(run_dir) if records is None else records)
+    tmp = run_dir / "rounds.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=ROUND_COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    tmp.replace(run_dir / "rounds.csv")
+    if table:
+        figures.curves(table, run_dir / "curves", headline_split(table))
+    return table
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
@@ -86,16 +131,61 @@ def build(run_dir: Path, extra: dict[str, Any] | None = None, diagrams: bool = T
            f"Rejected updates: {summary['rejected_updates']}. Missing replies: {len(summary['missing_replies'])}.", ""]
     (run_dir / "summary.md").write_text("\n".join(md))
 
+    write_round_outputs(run_dir, records)
     if diagrams:
-        out = run_dir / "diagrams"
-        for r in final:
-            if r["kind"] == "pooled":
-                name = f"pooled-{r['split']}" + ("" if r["ts"] == "none" else "-ts")
-                title = f"pooled {r['split']}, round {last}" + ("" if r["ts"] == "none" else f", after TS ({r['ts']})")
-            elif r["kind"] == "client":
-                name = f"client-{r['partition']:03d}-{r['split']}" + ("" if r["ts"] == "none" else "-ts")
-                title = f"client {r['partition']} ({r['domain']}, {r['role']}) {r['split']}, round {last}" + ("" if r["ts"] == "none" else f", T={r['temperature']:.3f}")
-            else:
-                continue
-            reliability_diagram(CalibrationStats.from_metrics(r["stats"]), out / f"{name}.png", title)
+        write_diagrams(run_dir / "diagrams", final, last)
     return summary
+
+
+def write_diagrams(out: Path, final: list[dict], last: int) -> None:
+    """Per split, pooled and per client: the raw model and, beside it, after temperature scaling."""
+    for r in final:
+        if r["ts"] != "none" or r["kind"] not in ("pooled", "client"):
+            continue
+        same = [x for x in final if x["kind"] == r["kind"] and x["split"] == r["split"] and x.get("partition") == r.get("partition")]
+        after = next((x for x in same if x["ts"] != "none"), None)
+        who = "pooled" if r["kind"] == "pooled" else f"client {r['partition']} ({r['domain']}, {r['role']})"
+        panels = [(CalibrationStats.from_metrics(r["stats"]), f"{who} {r['split']}, round {last}", None)]
+        if after is not None:
+            t = after.get("temperature")
+            extra = {"T": f"{t:.3f}"} if isinstance(t, float) else None
+            panels.append((CalibrationStats.from_metrics(after["stats"]), f"after TS ({after['ts']})", extra))
+        name = "pooled" if r["kind"] == "pooled" else f"client-{r['partition']:03d}"
+        figures.reliability(panels, out / f"{name}-{r['split']}")
+
+
+COMPARE_COLUMNS = [("run", "run"), ("method", "method"), ("aggregator", "aggregator"), ("rounds", "rounds"), ("accuracy", "acc %"),
+                   ("ece", "ECE %"), ("ece_ts", "ECE after TS %"), ("nll", "NLL"), ("bytes_per_round", "bytes/round"), ("wall_seconds", "wall s")]
+
+
+def compare(run_dirs: list[Path], out: Path | None = None) -> list[dict[str, Any]]:
+    """One row per run (final pooled figures on the headline split) and, with ``out``, an overlay plot."""
+    rows, tables = [], []
+    for run_dir in map(Path, run_dirs):
+        records = read_records(run_dir)
+        config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+        table = rounds_table(records)
+        split = headline_split(table)
+        pooled = [r for r in table if r["kind"] == "pooled" and r["split"] == split]
+        last = max((r["round"] for r in pooled), default=None)
+        raw = next((r for r in pooled if r["round"] == last and r["ts"] == "none"), {})
+        ts = next((r for r in pooled if r["round"] == last and r["ts"] != "none"), {})
+        rounds = [r for r in records if r["kind"] == "round"]
+        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+        rows.append({"run": run_dir.name, "method": config.get("method.name"), "aggregator": config.get("fl.aggregator"), "rounds": len(rounds),
+                     "split": split, "accuracy": raw.get("accuracy"), "ece": raw.get("ece"), "ece_ts": ts.get("ece"), "nll": raw.get("nll"),
+                     "bytes_per_round": (sum(r.get("bytes_sent", 0) + r.get("bytes_received", 0) for r in rounds) // len(rounds)) if rounds else None,
+                     "wall_seconds": summary.get("wall_seconds", sum(r.get("seconds", 0) for r in rounds))})
+        tables.append((run_dir.name, table))
+    if out is not None and tables:
+        figures.overlay(tables, Path(out), headline_split(tables[0][1]))
+    return rows
+
+
+def compare_markdown(rows: list[dict[str, Any]]) -> str:
+    pct = {"accuracy", "ece", "ece_ts"}
+    lines = ["| " + " | ".join(title for _, title in COMPARE_COLUMNS) + " |", "|" + "---|" * len(COMPARE_COLUMNS)]
+    for r in rows:
+        cells = [_fmt(r.get(k), k in pct) if not isinstance(r.get(k), int) or k in pct else f"{r[k]:,}" for k, _ in COMPARE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -51,7 +51,9 @@ from .ledger import Ledger
 from .monitoring import Monitor
 from .nodes import GridView, NodeRegistry, reply_source
 from .records import ClientEval, RunDirectory, pool
+from .report import write_round_outputs
 from .temperature import fit_global_temperature
+from .tracking import TensorBoardLog
 from .validation import Rejection, check_evaluate, check_train
 
 log = logging.getLogger("flwr.fedcal")
@@ -84,6 +86,7 @@ class FedCalMixin:
         self.reference: dict[str, np.ndarray] = {}
         self.sampled: dict[str, set[int]] = {"train": set(), "evaluate": set()}
         self.eval_ts_mode = "none"
+        self.tb: TensorBoardLog | None = None
         self.sent: dict[str, list[Message]] = {"train": [], "evaluate": []}
         self.round_bytes = [0, 0]  # sent, received
         self.round_started = time.monotonic()
@@ -130,6 +133,12 @@ class FedCalMixin:
             return None
         return node
 
+    def _train_fields(self, metrics: dict) -> dict:
+        """A train row's client figures, snake_case like every record field; aggregator internals
+        (FedNova's a) only where they apply, and no echo of what the server already knows."""
+        skip = {"uniform-weight", "server-round"} | ({"fednova-a"} if self.cfg.fl.aggregator != "fednova" else set())
+        return {k.replace("-", "_"): v for k, v in metrics.items() if k not in skip}
+
     def _note_missing(self, phase: str, rnd: int, answered: set[int]) -> None:
         for node in sorted(self.sampled[phase] - answered):
             self.ledger.note("missing", rnd, phase, self._ident(node), "no reply within fl.round_timeout")
@@ -175,7 +184,8 @@ class FedCalMixin:
                 self.ledger.note("rejected", rnd, "train", self._ident(node), rej.reason, rej.detail)
                 continue
             self.round_bytes[1] += checked.nbytes
-            self.ledger.note("trained", rnd, "train", self._ident(node), fields={**checked.metrics, "update_bytes": checked.nbytes})
+            self.ledger.note("trained", rnd, "train", self._ident(node), fields={**self._train_fields(checked.metrics), "update_bytes": checked.update_bytes,
+                                                                                "wire_bytes": checked.nbytes})
             self._safely("monitoring", self.monitor.client_train, rnd, self._info(node), checked.metrics, checked.nbytes)
             valid.append(msg)
         self._note_missing("train", rnd, answered)
@@ -274,11 +284,11 @@ class FedCalMixin:
         return MetricRecord({f"{r['split']}-{r['ts']}-{k}": float(r[k]) for r in pooled if r["kind"] == "pooled" for k in ("accuracy", "ece", "nll") if r.get(k) is not None})
 
     def _update_best(self, rnd: int, pooled: list[dict]) -> None:
-        head = self._headline(pooled)
-        if head and head.get("accuracy") is not None:
-            metric = f"pooled {head['split']} accuracy"
-            if self.best["value"] is None or head["accuracy"] > self.best["value"]:
-                self.best = {"round": rnd, "metric": metric, "value": head["accuracy"]}
+        """The best round is chosen on the validation split only (never on test)."""
+        val = next((r for r in pooled if r["kind"] == "pooled" and r["split"] == "val" and r["ts"] == "none"), None)
+        if val is not None and val.get("accuracy") is not None:
+            if self.best["value"] is None or val["accuracy"] > self.best["value"]:
+                self.best = {"round": rnd, "metric": "pooled val accuracy", "value": val["accuracy"]}
 
     def _headline(self, pooled: list[dict], group: str = "all", ts: str = "none") -> dict | None:
         for split in ("test", "val", "train"):
@@ -296,7 +306,10 @@ class FedCalMixin:
         sent, received = self.round_bytes
         self.traffic["bytes_sent"] += sent
         self.traffic["bytes_received"] += received
-        self.ledger.flush([{"kind": "round", "round": rnd, "seconds": seconds, "bytes_sent": sent, "bytes_received": received, **self.round_notes}])
+        round_row = {"kind": "round", "round": rnd, "seconds": seconds, "bytes_sent": sent, "bytes_received": received, **self.round_notes}
+        self.ledger.flush([round_row])
+        self._safely("rounds.csv and curves", write_round_outputs, self.run.path)
+        self._safely("TensorBoard", self._tensorboard, rnd, round_row)
         try:
             checkpoint.save(self.run.path, rnd, from_record(arrays), self.strategy_arrays(), self.meta(rnd), keep_rounds=self.cfg.output.keep_round_checkpoints)
         except OSError as err:  # e.g. a full disk: the run goes on, the next round tries again
@@ -306,6 +319,11 @@ class FedCalMixin:
         if self.cfg.fault.stop_after_round and rnd >= self.cfg.fault.stop_after_round and rnd < self.cfg.fl.rounds:
             raise SimulatedCrash(f"fault.stop_after_round={self.cfg.fault.stop_after_round}: stopping after round {rnd} (test only)")
         return None
+
+    def _tensorboard(self, rnd: int, round_row: dict) -> None:
+        if self.tb is None:
+            self.tb = TensorBoardLog(self.run.path)
+        self.tb.round(rnd, self.last_pooled if self.round_notes.get("eval_sampled") else [], round_row)
 
     def _console_line(self, rnd: int, seconds: float) -> str:
         total = self.cfg.fl.rounds

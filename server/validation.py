@@ -66,7 +66,12 @@ class TrainReply:
     node: int
     arrays: dict[str, np.ndarray]
     metrics: dict[str, float | int]
-    nbytes: int
+    nbytes: int  # bytes on the wire (the arrays' serialised payloads)
+
+    @property
+    def update_bytes(self) -> int:
+        """The raw trainable bytes, as `fedcal describe` reports them."""
+        return int(sum(a.nbytes for a in self.arrays.values()))
 
 
 # ------------------------------------------------------------------ shared pieces

@@ -21,7 +21,6 @@ from common.calibration import (
     default_temperature_grid,
     fit_temperature,
     nll_at_temperatures,
-    reliability_diagram,
 )
 
 ARRAY_FIELDS = (
@@ -447,13 +446,15 @@ def test_adaptive_ece_differs_on_skewed_data() -> None:
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_reliability_diagram_writes_png(tmp_path) -> None:
+def test_reliability_diagrams_write_png_and_pdf_side_by_side(tmp_path) -> None:
+    from server.figures import SPARSE, reliability
+
     logits, _, labels = make_data(13, 500, 4)
-    stats = CalibrationStats.from_logits(logits, labels)
-    out = tmp_path / "nested" / "dir" / "rel.png"
-    reliability_diagram(stats, out, "test", extra={"T": "1.50"})
-    data = out.read_bytes()
-    assert len(data) > 1000 and data.startswith(PNG_MAGIC)
-    empty_out = tmp_path / "empty.png"
-    reliability_diagram(CalibrationStats.empty(15, 4), str(empty_out), "empty")
-    assert empty_out.read_bytes().startswith(PNG_MAGIC)
+    before = CalibrationStats.from_logits(logits, labels)
+    after = CalibrationStats.from_logits(logits, labels, temperature=1.5)
+    paths = reliability([(before, "before", None), (after, "after", {"T": "1.50"})], tmp_path / "nested" / "rel")
+    assert [p.suffix for p in paths] == [".png", ".pdf"]
+    assert paths[0].read_bytes().startswith(PNG_MAGIC) and paths[1].read_bytes().startswith(b"%PDF")
+    assert (before.bin_count[before.bin_count > 0] < SPARSE).any()  # the data has sparse bins to mark
+    empty = reliability([(CalibrationStats.empty(15, 4), "empty", None)], tmp_path / "empty")
+    assert empty[0].read_bytes().startswith(PNG_MAGIC)

@@ -188,7 +188,7 @@ def test_parameter_counts_of_real_architectures(arch, name, expected):
 
 
 def test_describe_json(monkeypatch):
-    from common.cli import app
+    from deploy.cli import app
 
     result = CliRunner().invoke(app, ["describe", "--random-init", "--json", "-c", 'model.name="ViT-B-32" method.name="adapter"'])
     assert result.exit_code == 0, result.output

@@ -92,8 +92,20 @@ def test_smoke_run_records_everything(simulation):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_round"] == 2 and summary["completed_rounds"] == 2
     assert "| client |" in (run_dir / "summary.md").read_text()
-    pngs = {p.name for p in (run_dir / "diagrams").glob("*.png")}
-    assert {"pooled-test.png", "pooled-test-ts.png", "client-003-test.png", "client-000-val-ts.png"} <= pngs
+    figures = {p.name for p in (run_dir / "diagrams").iterdir()}
+    assert {"pooled-test.png", "pooled-test.pdf", "client-003-test.png", "client-000-val.pdf"} <= figures  # before | after TS
+    assert (run_dir / "curves.png").exists() and (run_dir / "curves.pdf").read_bytes().startswith(b"%PDF")
+    import csv
+
+    table = list(csv.DictReader(open(run_dir / "rounds.csv")))
+    pooled_csv = {(r["round"], r["split"], r["ts"]): r for r in table if r["kind"] == "pooled"}
+    for p in pooled:
+        assert float(pooled_csv[(str(p["round"]), p["split"], p["ts"])]["ece"]) == pytest.approx(p["ece"], rel=1e-12)
+    assert {r["group"] for r in table if r["kind"] == "client"} == {"client-0", "client-1", "client-2", "client-3"}
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert summary["best"]["metric"] == "pooled val accuracy"
+    train = [r for r in rows if r["kind"] == "train"]
+    assert all("train_loss" in r and "fednova_a" not in r and "train-loss" not in r for r in train)
     assert (run_dir / "checkpoints" / "LATEST").read_text() == "round-00002"
     final = load_file(str(run_dir / "final" / "global.safetensors"))
     assert len(final) == 2 * 2 * 3 * 2  # 2 towers x 2 blocks x q/k/v x (A, B)

@@ -156,6 +156,17 @@ class ClipMethod(nn.Module):
     def num_trainable(self) -> int:
         return sum(p.numel() for _, p in self.trainable_named_parameters())
 
+    def sizes(self) -> dict[str, int | float | None]:
+        """Parameter counts and the bytes of one update (fp32 on the wire), as `fedcal describe`
+        reports them and as the server records them: the one place these are computed."""
+        state = self.trainable_state()
+        total = sum(p.numel() for p in self.clip.parameters())
+        trainable = sum(v.numel() for v in state.values())
+        update = trainable * 4
+        return {"trainable_params": int(trainable), "total_params": int(total), "trainable_fraction": trainable / total,
+                "tensors": len(state), "update_bytes": int(update), "full_model_bytes": int(total * 4),
+                "traffic_reduction": (total * 4 / update) if update else None}
+
     # ------------------------------------------------------------------ WiSE-FT
     @contextmanager
     def wise(self, alpha: float):

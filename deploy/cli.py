@@ -26,9 +26,9 @@ def user_errors(fn):
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        from .config import ConfigError
-        from .data import DataError
-        from .hub import HubUnavailable
+        from common.config import ConfigError
+        from common.data import DataError
+        from common.hub import HubUnavailable
 
         try:
             return fn(*args, **kwargs)
@@ -49,7 +49,7 @@ def config_cmd(
     write_docs: Annotated[bool, typer.Option("--write-docs", help="Maintainers: rewrite pyproject.toml's config table and README.md's reference in the current folder.")] = False,
 ) -> None:
     """Validate a configuration and print it (or the defaults / the reference)."""
-    from . import config
+    from common import config
 
     if write_docs:
         _write_docs(Path.cwd())
@@ -71,7 +71,7 @@ def config_cmd(
 
 
 def _write_docs(root: Path) -> None:
-    from . import config
+    from common import config
 
     pyproject = (root / "pyproject.toml").read_text()
     start, end = pyproject.index("[tool.flwr.app.config]"), pyproject.index("[tool.pytest.ini_options]")
@@ -87,34 +87,18 @@ def _write_docs(root: Path) -> None:
 
 def describe_run(cfg, random_init: bool) -> dict:
     """Parameter counts and per-round traffic of the configured method (``fedcal describe``)."""
-    from .methods import build_method
-    from .model import load_clip
+    from common.methods import build_method
+    from common.model import load_clip
 
     pretrained = "" if random_init else cfg.model.pretrained
     clip = load_clip(cfg.model.name, pretrained, device="cpu", cache_dir=cfg.model.cache_dir or None, offline=cfg.model.offline)
-    total = sum(p.numel() for p in clip.model.parameters())
-    full_bytes = sum(p.numel() * 4 for p in clip.model.parameters())
     method = build_method(cfg, clip, _describe_classes(cfg) if cfg.method.name == "linear" else ["a", "b"])
-    state = method.trainable_state()
-    trainable = sum(v.numel() for v in state.values())
-    update_bytes = sum(v.numel() * v.element_size() for v in state.values())
-    return {
-        "model": cfg.model.name,
-        "pretrained": pretrained,
-        "method": cfg.method.name,
-        "trainable_params": int(trainable),
-        "total_params": int(total),
-        "trainable_fraction": trainable / total,
-        "tensors": len(state),
-        "update_bytes": int(update_bytes),
-        "full_model_bytes": int(full_bytes),
-        "traffic_reduction": (full_bytes / update_bytes) if update_bytes else None,
-    }
+    return {"model": cfg.model.name, "pretrained": pretrained, "method": cfg.method.name, **method.sizes()}
 
 
 def _describe_classes(cfg) -> list[str]:
     """Placeholder class names, as many as the configured dataset has (a linear head has one row each)."""
-    from .data import REGISTRY, load_source
+    from common.data import REGISTRY, load_source
 
     spec = REGISTRY.get(cfg.data.dataset)
     count = spec.num_classes if spec and spec.num_classes and not cfg.data.path else len(load_source(cfg.data).class_names)
@@ -129,7 +113,7 @@ def describe(
     random_init: Annotated[bool, typer.Option("--random-init", help="Build with pretrained empty (no download); counts do not depend on weights.")] = False,
 ) -> None:
     """Model, method, trainable/total parameters and the bytes each client sends per round."""
-    from . import config
+    from common import config
 
     info = describe_run(config.load(run_config), random_init)
     if as_json:
@@ -152,8 +136,8 @@ def partitions(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show every client's partition (domain, role, split sizes, class histogram) before a run."""
-    from . import config
-    from .data import load_client_data
+    from common import config
+    from common.data import load_client_data
 
     cfg = config.load(run_config)
     rows = []
@@ -180,7 +164,7 @@ def fetch_weights(
     cache_dir: Annotated[str, typer.Option(help="Cache directory (default: Hugging Face's).")] = "",
 ) -> None:
     """Download CLIP weights into the cache (run where there is network; then copy the cache)."""
-    from .model import load_clip
+    from common.model import load_clip
 
     load_clip(model, pretrained, cache_dir=cache_dir or None)
     typer.echo(f"cached {model}/{pretrained}" + (f" in {cache_dir}" if cache_dir else " in the Hugging Face cache"))
@@ -190,8 +174,8 @@ def fetch_weights(
 @user_errors
 def fetch_data(run_config: RunConfigOpt = None) -> None:
     """Download the configured hub dataset into the datasets cache."""
-    from . import config
-    from .data import load_source
+    from common import config
+    from common.data import load_source
 
     cfg = config.load(run_config)
     src = load_source(cfg.data)
@@ -209,8 +193,7 @@ def train_local(
 ) -> None:
     """Train one client centrally for a few rounds and print loss, accuracy and ECE (a sanity check)."""
     from client.runtime import ClientRuntime
-
-    from . import config
+    from common import config
 
     cfg = config.load(run_config)
     node = config.parse_node_config({"partition-id": partition_id, "num-partitions": num_partitions, "data-dir": data_dir})
@@ -235,6 +218,23 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder (output.di
     typer.echo(f"{run_dir}: summary of round {summary.get('final_round')} written (summary.md, summary.json, diagrams/)")
 
 
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders to compare.")],
+    out: Annotated[Path, typer.Option("--out", help="Overlay plot (PNG + PDF) path without suffix.")] = Path("compare"),
+) -> None:
+    """A table of runs (method, aggregator, accuracy, ECE before / after TS, bytes per round, wall time) and an overlay plot."""
+    from server.report import compare as compare_runs
+    from server.report import compare_markdown
+
+    missing = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
+    if missing:
+        typer.secho(f"error: not a fedcal run folder (no metrics.jsonl): {missing[0]}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    typer.echo(compare_markdown(compare_runs(runs, out)))
+    typer.echo(f"overlay: {out}.png, {out}.pdf", err=True)
+
+
 @app.command("run", context_settings={"allow_extra_args": False})
 @user_errors
 def run_cmd(
@@ -249,8 +249,8 @@ def run_cmd(
     import os
     import tempfile
 
-    from . import config
-    from .data import count_partitions
+    from common import config
+    from common.data import count_partitions
 
     if preset and "=" in preset and not preset.endswith(".toml"):
         overrides, preset = [preset, *(overrides or [])], None
@@ -259,7 +259,7 @@ def run_cmd(
         flat.update(config.parse_overrides(item))
     cfg = config.from_flat(flat)
     run_dir = _resolve_run_folder(flat, cfg)
-    from .runlock import holder
+    from common.runlock import holder
 
     busy = holder(run_dir) if run_dir.is_dir() else None
     if busy:
@@ -290,7 +290,7 @@ def _resolve_run_folder(flat: dict, cfg) -> Path:
     """The folder the run will write (a generated run name is fixed here, so it is known)."""
     from datetime import datetime
 
-    from .config import expand_path
+    from common.config import expand_path
 
     if cfg.output.resume:
         return expand_path(cfg.output.resume, "output.resume")
