@@ -151,7 +151,7 @@ class OptimConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: str = Field("pacs", description="pacs, office-home, cifar10, cifar100, or imagefolder (requires data.path).")
+    dataset: str = Field("pacs", description="pacs, office-home, cifar10, cifar100, imagefolder (requires data.path), or demo-digits (offline demo: handwritten vs typeset digits from installed packages).")
     path: str = Field("", description="Local image folder laid out <domain>/<class>/<img> or <class>/<img>; ~ and $VARS are expanded; empty = the hub dataset. A node's node_config 'data-dir' overrides it.")
     hub_id: str = Field("", description="Hub dataset id overriding the registry's (e.g. flwrlabs/pacs).")
     partitioner: Literal["domain", "domain-dirichlet", "dirichlet", "iid", "pathological"] = Field("domain-dirichlet", description="How examples are split across clients (see README 'Data').")
@@ -247,6 +247,7 @@ class OutputConfig(_Section):
     run_name: str = Field("", description="Run folder name; empty = <method>-<aggregator>-<UTC timestamp>.")
     resume: str = Field("", description="Resume from a run folder or its checkpoint folder (the run continues in that folder).")
     keep_round_checkpoints: bool = Field(False, description="Keep one checkpoint per round besides 'latest'.")
+    verbose: bool = Field(False, description="Keep Flower's own per-round log lines (sampling, metric dumps) beside fedcal's one line per round (`fedcal run --verbose`).")
 
 
 class MonitoringConfig(_Section):

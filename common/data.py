@@ -57,6 +57,7 @@ REGISTRY: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec("uoft-cs/cifar10", image="img", label="label", num_classes=10),
     "cifar100": DatasetSpec("uoft-cs/cifar100", image="img", label="fine_label", num_classes=100),
     "imagefolder": DatasetSpec(""),
+    "demo-digits": DatasetSpec("", num_classes=10, num_domains=4),  # offline demo, built from installed packages (common/demo.py)
 }
 
 
@@ -163,6 +164,10 @@ def load_source(cfg: DataConfig, data_dir: str = "") -> Source:
         close = difflib.get_close_matches(cfg.dataset, list(REGISTRY), n=1)
         raise ConfigError(f"data.dataset {cfg.dataset!r} is unknown" + (f" (did you mean {close[0]!r}?)" if close else "") + f"; one of {', '.join(REGISTRY)}")
     path = data_dir or cfg.path
+    if not path and cfg.dataset == "demo-digits":
+        from .demo import demo_folder
+
+        path = str(demo_folder(cfg.cache_dir))
     if path:
         return _scan_folder(expand_path(path, "data-dir" if data_dir else "data.path"))
     if cfg.dataset == "imagefolder":

@@ -115,6 +115,11 @@ def _weights_cached(cfg: dict, cache_dir: str | None) -> bool:
     return False
 
 
+def check_weights(name: str, pretrained: str | None, cache_dir: str | None = None, offline: bool = False) -> None:
+    """Raise ConfigError / HubUnavailable (one line) now if the weights could not be loaded."""
+    _resolve_pretrained(name, pretrained, cache_dir, offline)
+
+
 def _resolve_pretrained(name: str, pretrained: str | None, cache_dir: str | None, offline: bool) -> tuple[str | None, bool]:
     """Return (what to pass to open_clip, whether to force cache-only hub access)."""
     if not pretrained:

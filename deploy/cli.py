@@ -8,6 +8,7 @@ checked here before it is submitted. User errors print one line and exit with st
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import UTC
 from functools import wraps
@@ -244,28 +245,33 @@ def run_cmd(
     federation_config: Annotated[str, typer.Option("--federation-config", help="Passed to flwr run; default for simulations: num-supernodes from the config.")] = "",
     app_dir: Annotated[str, typer.Option("--app", help="The fedcal app folder (with pyproject.toml).")] = ".",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the flwr command without running it.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Keep Flower's own per-round metric dumps and Ray's messages.")] = False,
 ) -> None:
-    """Validate a preset plus overrides, then `flwr run` it (flwr takes a TOML or key=values, not both)."""
-    import os
+    """Validate a preset plus overrides, check weights and data, then `flwr run` it and judge the run by its records."""
     import tempfile
 
     from common import config
-    from common.data import count_partitions
+    from deploy.preflight import check_run
 
     if preset and "=" in preset and not preset.endswith(".toml"):
         overrides, preset = [preset, *(overrides or [])], None
-    flat = config.parse_overrides(preset) if preset else {}
+    flat = config.parse_overrides(_preset_path(preset)) if preset else {}
     for item in overrides or []:
         flat.update(config.parse_overrides(item))
+    if not connection:  # the local simulation runs with this shell's environment and folders
+        flat = resolve_paths({**{k: v for k, v in config.from_flat(flat).flat().items() if k in RESOLVED}, **flat})
     cfg = config.from_flat(flat)
-    run_dir = _resolve_run_folder(flat, cfg)
+    run_dir = _resolve_run_folder(flat, cfg, local=not connection)
     from common.runlock import holder
 
     busy = holder(run_dir) if run_dir.is_dir() else None
     if busy:
         raise config.ConfigError(f"run folder {run_dir} is in use by {busy}: stop that run first, or wait for it to end")
+    clients = None if dry_run or connection else check_run(cfg)
     if not federation_config and not connection:
-        federation_config = f"num-supernodes={count_partitions(cfg.data) or cfg.fl.min_available_nodes}"
+        federation_config = f"num-supernodes={clients or cfg.fl.min_available_nodes}"
+    if verbose:
+        flat["output.verbose"] = True
     handle, path = tempfile.mkstemp(prefix="fedcal-run-", suffix=".toml")
     with os.fdopen(handle, "w") as fh:
         fh.write(config.to_toml(flat))
@@ -278,29 +284,60 @@ def run_cmd(
         os.unlink(path)
         return
     env = dict(os.environ)
-    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    for key, value in QUIET_ENV.items():
+        env.setdefault(key, value)
     try:
-        code = _follow(cmd, env, run_dir, connection)
+        code = _follow(cmd, env, run_dir, connection, verbose)
     finally:
         os.unlink(path)
     raise typer.Exit(code)
 
 
-def _resolve_run_folder(flat: dict, cfg) -> Path:
-    """The folder the run will write (a generated run name is fixed here, so it is known)."""
-    from datetime import datetime
+RESOLVED = ("data.path", "output.dir", "output.resume", "model.pretrained", "model.cache_dir", "data.cache_dir")  # paths
 
+
+def _preset_path(preset: str) -> str:
+    """A preset by path, or by name from configs/ (`fedcal run fl2ora-pacs`)."""
+    if Path(preset).expanduser().is_file() or preset.endswith(".toml"):
+        return preset
+    shipped = Path(__file__).resolve().parents[1] / "configs" / f"{preset}.toml"
+    return str(shipped) if shipped.is_file() else preset
+
+
+def resolve_paths(flat: dict) -> dict:
+    """Expand ~ and $VARS in path keys here, in the submitting shell, so the run uses (and records)
+    the same folders this command checked: Flower's managed SuperLink keeps the environment it was
+    started with, so a variable exported later would never reach the run."""
     from common.config import expand_path
 
+    out = dict(flat)
+    for key in RESOLVED:
+        value = out.get(key)
+        if isinstance(value, str) and value and ("$" in value or value.startswith("~")):
+            out[key] = str(expand_path(value, key))
+    return out
+
+
+def _resolve_run_folder(flat: dict, cfg, local: bool) -> Path:
+    """The folder the run will write (a generated run name is fixed here, so it is known). With a
+    remote SuperLink the folder is on its machine: the path is what it will be there."""
+    from datetime import datetime
+
     if cfg.output.resume:
-        return expand_path(cfg.output.resume, "output.resume")
+        return Path(cfg.output.resume)
     if not cfg.output.run_name:
         flat["output.run_name"] = f"{cfg.method.name}-{cfg.fl.aggregator}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    flat["output.dir"] = str(expand_path(cfg.output.dir, "output.dir"))
-    return Path(flat["output.dir"]) / flat["output.run_name"]
+    return Path(cfg.output.dir if local else os.path.expanduser(cfg.output.dir)) / flat["output.run_name"]
 
 
-def _follow(cmd: list[str], env: dict, run_dir: Path, connection: str) -> int:
+# Flower's local SuperLink installs the app's dependencies with uv unless told not to (offline it
+# cannot); Ray's usage statistics and its accelerator warning are noise here
+QUIET_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_DISABLE_USAGE_STATS": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+# lines of Ray's and the clients' own output that the server's one-line-per-event log already covers
+NOISE = ("(ClientAppActor pid=", "warnings.warn(", "FutureWarning", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
+
+
+def _follow(cmd: list[str], env: dict, run_dir: Path, connection: str, verbose: bool = False) -> int:
     """Run `flwr run --stream`, echo it, and judge the run by its status file, not flwr's exit code
     (0 even when the ServerApp failed). Ctrl-C stops the run instead of leaving it in the background."""
     import re
@@ -310,7 +347,8 @@ def _follow(cmd: list[str], env: dict, run_dir: Path, connection: str) -> int:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     try:
         for line in proc.stdout:
-            sys.stdout.write(line)
+            if verbose or not any(n in line for n in NOISE):
+                sys.stdout.write(line)
             found = re.search(r"started run (\d+)", line)
             run_id = run_id or (found.group(1) if found else None)
         proc.wait()
@@ -318,11 +356,25 @@ def _follow(cmd: list[str], env: dict, run_dir: Path, connection: str) -> int:
         proc.terminate()
         _stop(run_id, connection, env, run_dir)
         return 130
+    if not (run_dir / "status.json").exists() and run_id and connection:
+        return _judge_remote(run_id, connection, env)
     return _judge(run_dir)
 
 
+def _judge_remote(run_id: str, connection: str, env: dict) -> int:
+    """The run folder is on the SuperLink's machine: ask the SuperLink for the run's status."""
+    import subprocess
+
+    res = subprocess.run(["flwr", "ls", connection, "--run-id", run_id, "--format", "json"], env=env, capture_output=True, text=True, timeout=60)
+    status = res.stdout.lower()
+    if "completed" in status:
+        return 0
+    typer.secho(f"error: run {run_id} did not complete ({'failed' if 'failed' in status else 'status unknown'}); see `flwr log {run_id} {connection}`",
+                fg=typer.colors.RED, err=True)
+    return 1
+
+
 def _stop(run_id: str | None, connection: str, env: dict, run_dir: Path) -> None:
-    import os
     import signal
     import socket
     import subprocess
@@ -384,7 +436,6 @@ def superlink(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the flower-superlink command only.")] = False,
 ) -> None:
     """Check the inputs, then run flower-superlink with Flower 1.42 flags."""
-    import os
 
     from deploy import preflight
     from deploy.commands import TLSFiles, superlink_args
@@ -423,7 +474,6 @@ def node(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and print the flower-supernode command only.")] = False,
 ) -> None:
     """Check the inputs (address, certificate, key, node config), then run flower-supernode."""
-    import os
 
     from deploy import preflight
     from deploy.commands import node_config_string, supernode_args

@@ -102,3 +102,16 @@ def port_free(host: str, port: int, flag: str) -> None:
             s.bind((host, port))
         except OSError:
             raise PreflightError(f"{host}:{port} is already in use: choose another {flag} or stop what listens there") from None
+
+
+def check_run(cfg) -> int | None:
+    """Before a run is submitted: the weights load (cache, file or hub) and the data is there; returns
+    the number of clients the partitioner defines (None when it is not fixed). One line on failure."""
+    from common.data import count_partitions, load_source
+    from common.hub import offline_requested, reachable
+    from common.model import check_weights
+
+    check_weights(cfg.model.name, cfg.model.pretrained, cfg.model.cache_dir or None, cfg.model.offline)
+    if cfg.data.path or offline_requested() or not reachable():
+        load_source(cfg.data)  # a local folder is scanned; a hub dataset must be in the cache
+    return count_partitions(cfg.data)

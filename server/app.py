@@ -73,8 +73,16 @@ def run_federation(grid: Grid, context: Context) -> dict:
         run.close()
 
 
+def _quiet_flower(verbose: bool) -> None:
+    """Flower's per-round INFO lines (sampling, metric dumps) off unless asked for; fedcal's stay."""
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        log.setLevel(logging.INFO)
+
+
 def _run_in(run: RunDirectory, cfg: RunConfig, grid: Grid) -> dict:
     write_status(run.path, "running")
+    _quiet_flower(cfg.output.verbose)
     monitor = Monitor(cfg, run.name)
     log.info("fedcal run %s (%s, %s on %s, %d rounds) -> %s", run.name, "resumed" if run.resumed else "new",
              cfg.method.name, cfg.model.name, cfg.fl.rounds, run.path)

@@ -60,8 +60,8 @@ class Ledger:
         self.totals[outcome][key] = self.totals[outcome].get(key, 0) + 1
         self.monitor.count(outcome, phase, key)
         if outcome in _WARN:
-            log.warning("round %d %s: node %s (partition %s) %s%s", rnd, phase, ident.get("node_id"), ident.get("partition"),
-                        outcome, f" ({reason}): {detail}" if reason else "")
+            why = f" ({reason}): {detail}" if reason and detail else (f": {reason}" if reason else "")
+            log.warning("round %d %s: node %s (partition %s) %s%s", rnd, phase, ident.get("node_id"), ident.get("partition"), outcome, why)
         elif outcome == "joined":
             log.debug("node %s joined as partition %s", ident.get("node_id"), ident.get("partition"))
         return row

@@ -87,6 +87,7 @@ class FedCalMixin:
         self.sampled: dict[str, set[int]] = {"train": set(), "evaluate": set()}
         self.eval_ts_mode = "none"
         self.tb: TensorBoardLog | None = None
+        self.failing_rounds = 0
         self.sent: dict[str, list[Message]] = {"train": [], "evaluate": []}
         self.round_bytes = [0, 0]  # sent, received
         self.round_started = time.monotonic()
@@ -139,6 +140,16 @@ class FedCalMixin:
         skip = {"uniform-weight", "server-round"} | ({"fednova-a"} if self.cfg.fl.aggregator != "fednova" else set())
         return {k.replace("-", "_"): v for k, v in metrics.items() if k not in skip}
 
+    def _check_not_all_failing(self, rnd: int, errors: list[Message], sampled: int) -> None:
+        """Every sampled client answering with an error two rounds in a row is a broken setup, not bad
+        luck: end the run with the first reason instead of recording empty rounds until the end."""
+        all_failed = sampled > 0 and len(errors) == sampled
+        self.failing_rounds = self.failing_rounds + 1 if all_failed else 0
+        if self.failing_rounds >= 2:
+            from .nodes import FederationError
+
+            raise FederationError(f"every sampled client failed in rounds {rnd - 1} and {rnd}, e.g. {errors[0].error.reason}")
+
     def _note_missing(self, phase: str, rnd: int, answered: set[int]) -> None:
         for node in sorted(self.sampled[phase] - answered):
             self.ledger.note("missing", rnd, phase, self._ident(node), "no reply within fl.round_timeout")
@@ -174,7 +185,8 @@ class FedCalMixin:
         rnd = self.true_round(server_round)
         valid: list[Message] = []
         answered: set[int] = set()
-        for msg in replies:
+        replies_seen = list(replies)
+        for msg in replies_seen:
             node = self._screen(msg, "train", rnd, answered)
             if node is None:
                 continue
@@ -189,6 +201,7 @@ class FedCalMixin:
             self._safely("monitoring", self.monitor.client_train, rnd, self._info(node), checked.metrics, checked.nbytes)
             valid.append(msg)
         self._note_missing("train", rnd, answered)
+        self._check_not_all_failing(rnd, [m for m in replies_seen if m.has_error()], len(self.sampled["train"]))
         self.round_notes.update(train_sampled=len(self.sampled["train"]), train_valid=len(valid))
         aggregated, metrics = None, None
         if self.sampled["train"] and len(valid) < self.min_train_nodes:

@@ -143,6 +143,8 @@ def decode_arrays(record, reference: dict[str, np.ndarray]) -> tuple[dict[str, n
 
 def check_train(msg: Message, node: int, info: NodeInfo, rnd: int, reference: dict[str, np.ndarray], cfg: RunConfig) -> TrainReply:
     check_records(msg, TRAIN_RECORDS)
+    # the arrays first: a NaN update is rejected as non-finite, not for its NaN update-norm metric
+    arrays, nbytes = decode_arrays(msg.content["arrays"], reference)
     metrics = dict(msg.content["metrics"])
     exact_keys(set(metrics), TRAIN_METRIC_KEYS)
     metrics = {k: finite_number(k, v, k in TRAIN_INT_KEYS) for k, v in metrics.items()}
@@ -156,7 +158,6 @@ def check_train(msg: Message, node: int, info: NodeInfo, rnd: int, reference: di
     rho = cfg.optim.momentum if cfg.optim.name == "sgd" else 0.0
     if steps < 0 or not 0 <= metrics["fednova-a"] <= max(steps, 1) / (1 - rho) + 1e-6:
         raise Rejection("metrics", f"local-steps={steps}, fednova-a={metrics['fednova-a']:g} are inconsistent")
-    arrays, nbytes = decode_arrays(msg.content["arrays"], reference)
     if cfg.fl.max_update_norm > 0:
         norm = update_norm(arrays, reference)
         if not math.isfinite(norm) or norm > cfg.fl.max_update_norm:

@@ -343,3 +343,11 @@ def test_stats_invariants_hold_for_honest_statistics():
         for t in (0.3, 1.0, 4.0):
             assert CalibrationStats.from_logits(x, y, 15, t).inconsistency() is None
     assert CalibrationStats.empty(15, 3).inconsistency() is None
+
+
+def test_a_nan_update_is_rejected_as_non_finite_whatever_its_metrics_say(setup):
+    strategy, run, reg, seen = setup
+    bad = client_state(2)
+    bad["w"][0, 0] = np.nan
+    strategy.aggregate_train(1, [reply(seen[0], client_state(1), train_metrics()), reply(seen[1], bad, train_metrics(**{"update-norm": float("nan")}))])
+    assert [r["reason"] for r in read_records(run.path) if r["kind"] == "rejected"] == ["non-finite"]

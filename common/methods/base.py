@@ -148,6 +148,8 @@ class ClipMethod(nn.Module):
         with torch.no_grad():
             for key, param in params.items():
                 value = torch.as_tensor(state[key])
+                if param.dim() == 0 and tuple(value.shape) == (1,):
+                    value = value.reshape(())  # Flower's Array carries a 0-d tensor (e.g. logit_scale) as shape (1,)
                 if tuple(value.shape) != tuple(param.shape):
                     raise StateError(f"trainable state key {key!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
                 param.copy_(value.to(param.device, param.dtype))
