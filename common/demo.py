@@ -29,7 +29,7 @@ FONT_DOMAINS = {
     "serif": ["DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "cmr10.ttf"],
     "mono": ["DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf", "DejaVuSansMono-BoldOblique.ttf"],
 }
-PER_DIGIT = 36  # typeset images per digit and domain
+PER_DIGIT = 50  # typeset images per digit and domain
 SIZE = 32  # stored image size (the tiny CLIPs' input size)
 
 

@@ -8,7 +8,7 @@ import pytest
 from common import config
 from common.config import ConfigError
 from common.data import DataError, load_client_data, load_source, partition_rows, select_classes
-from tests.conftest import CLASSES
+from tests.conftest import CLASSES, real_photos
 
 
 def node(pid, n, **extra):
@@ -124,3 +124,14 @@ def test_missing_folder_and_unset_variable(monkeypatch):
     monkeypatch.delenv("FEDCAL_DATA_X", raising=False)
     with pytest.raises(ConfigError, match="FEDCAL_DATA_X"):
         load_source(config.load(None, data__path="${FEDCAL_DATA_X}/pacs").data)
+
+
+@real_photos
+def test_pacs_mini_is_the_documented_subset(pacs_dir):
+    """The real-photo tier: the folder is exactly the pacs-mini its PROVENANCE.md describes."""
+    import hashlib
+
+    files = sorted((p for p in pacs_dir.rglob("*") if p.is_file() and p.name != "PROVENANCE.md"),
+                   key=lambda p: str(p.relative_to(pacs_dir.parent)).encode())
+    lines = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(pacs_dir.parent)}\n" for p in files)
+    assert hashlib.sha256(lines.encode()).hexdigest() == "6c946b71668bf0e1fc325492b9f195aac2608df8c72dc6375752060421cdc98d"
