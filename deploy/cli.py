@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from datetime import UTC
 from functools import wraps
@@ -268,6 +269,10 @@ def run_cmd(
     if busy:
         raise config.ConfigError(f"run folder {run_dir} is in use by {busy}: stop that run first, or wait for it to end")
     clients = None if dry_run or connection else check_run(cfg)
+    asked = re.search(r"num-supernodes=(\d+)", federation_config or "")
+    if asked and clients and int(asked.group(1)) != clients:
+        raise config.ConfigError(f"--federation-config asks for {asked.group(1)} SuperNodes but {cfg.data.partitioner!r} partitioning "
+                                 f"defines {clients} clients: drop num-supernodes (fedcal sizes it) or change data.clients_per_domain")
     if not federation_config and not connection:
         federation_config = f"num-supernodes={clients or cfg.fl.min_available_nodes}"
     if verbose:
@@ -340,7 +345,6 @@ NOISE = ("(ClientAppActor pid=", "warnings.warn(", "FutureWarning", "RAY_ACCEL_E
 def _follow(cmd: list[str], env: dict, run_dir: Path, connection: str, verbose: bool = False) -> int:
     """Run `flwr run --stream`, echo it, and judge the run by its status file, not flwr's exit code
     (0 even when the ServerApp failed). Ctrl-C stops the run instead of leaving it in the background."""
-    import re
     import subprocess
 
     run_id = None

@@ -98,7 +98,9 @@ def _run_in(run: RunDirectory, cfg: RunConfig, grid: Grid) -> dict:
             ledger.restore(totals_from_rows(run.keep_rounds_up_to(start_round)))
             log.info("resuming %s after round %d", run.name, start_round)
         registry = NodeRegistry(info_timeout=cfg.fl.round_timeout)
+        log.info("waiting for %d SuperNodes (fl.min_available_nodes, at most fl.node_wait_timeout=%gs)", cfg.fl.min_available_nodes, cfg.fl.node_wait_timeout)
         registry.wait_for_nodes(grid, cfg.fl.min_available_nodes, cfg.fl.node_wait_timeout)
+        log.info("asking the SuperNodes for their partition (each loads its data once)")
         registry.discover(grid, ledger, 0)  # round 0: the start (a resumed run re-admits every node)
         ledger.flush()
         if registry.num_seen() < cfg.fl.min_train_nodes:
@@ -107,6 +109,7 @@ def _run_in(run: RunDirectory, cfg: RunConfig, grid: Grid) -> dict:
         if ckpt is not None:
             state, sizes = ckpt.global_state, ckpt.meta.get("sizes", {})
         else:
+            log.info("building the initial trainable state (%s, %s, weights %s)", cfg.model.name, cfg.method.name, cfg.model.pretrained or "random init")
             state, sizes = initial_trainable_state(cfg, registry.class_names())
             log.info("%s: %s trainable parameters of %s (%s bytes per update)", cfg.method.name,
                      f"{sizes['trainable_params']:,}", f"{sizes['total_params']:,}", f"{sizes['update_bytes']:,}")

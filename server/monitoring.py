@@ -75,8 +75,9 @@ class Monitor:
                                ("run", "outcome", "label"), registry=r)
         self.bytes = Counter("fedcal_bytes", "Trainable-state bytes moved between server and clients", ("run", "direction"), registry=r)
         self.round_bytes = Gauge("fedcal_round_bytes", "Trainable-state bytes moved in the last round", ("run", "direction"), registry=r)
-        self.temperature = Gauge("fedcal_global_temperature", "Federated (global) temperature", ("run",), registry=r)
+        self.temperature = Gauge("fedcal_global_temperature", "Federated (global) temperature; 1 until fitted", ("run",), registry=r)
         self.rounds_total.labels(self.run).set(cfg.fl.rounds)
+        self.temperature.labels(self.run).set(1.0)  # the model is unscaled (T = 1) until a temperature is fitted
         for reason in ("keys", "shape", "dtype", "non-finite", "norm", "format", "size", "metrics", "weight", "round",
                        "calibration", "bins", "classes", "nll-grid", "identity", "unsampled", "duplicate", "aggregate"):
             self.rejected.labels(self.run, reason)

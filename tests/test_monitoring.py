@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -56,7 +58,9 @@ def test_prometheus_scrapes_calibration_and_faults(tmp_path, pacs_dir, prometheu
     data.mkdir()
     (data / "photo").symlink_to(pacs_dir / "photo", target_is_directory=True)
     (tmp_path / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: fedcal\n"
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files:\n  - {ROOT / 'deploy' / 'prometheus' / 'alerts.yml'}\n"
+        "scrape_configs:\n  - job_name: fedcal\n"
         f"    static_configs:\n      - targets: ['127.0.0.1:{exporter}']\n")
     with processes() as start:
         prom = start([prometheus_bin, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -89,6 +93,14 @@ def test_prometheus_scrapes_calibration_and_faults(tmp_path, pacs_dir, prometheu
             # every dashboard expression returns data
             empty = [title for title, expr in dashboard_queries("monitored") if not query(prom_url, expr, at)]
             assert not empty, f"dashboard panels without data: {empty}"
+            # the alert rules fire: rejected NaN updates; the tiny random model's ECE is far above 10%
+            firing = {(a["metric"]["alertname"], a["metric"].get("reason")) for a in query(prom_url, 'ALERTS{alertstate="firing"}', at)}
+            assert ("FedcalRejectedUpdates", "non-finite") in firing and ("FedcalPooledECEHigh", None) in firing, firing
+            # the exporter is gone after the run: FedcalExporterDown becomes pending (it fires after 1 minute)
+            deadline = time.monotonic() + 30
+            while not query(prom_url, 'ALERTS{alertname="FedcalExporterDown"}', time.time()) and time.monotonic() < deadline:
+                time.sleep(1)
+            assert query(prom_url, 'ALERTS{alertname="FedcalExporterDown"}', time.time())
 
             # the node without a partition id was refused in one line and recorded
             joins = [r for r in records if r["kind"] == "failed" and r["phase"] == "join"]
@@ -130,3 +142,14 @@ def test_environment_overrides_the_exporter_address(monkeypatch):
         monkeypatch.setenv("FEDCAL_MONITORING_PORT", bad)
         with pytest.raises(config.ConfigError, match="FEDCAL_MONITORING_PORT must be a port number"):
             Monitor(cfg, "r")
+
+
+def test_alert_rules_are_valid_and_fire_when_they_should():
+    """promtool checks the rules and runs their unit tests (deploy/prometheus/alerts_test.yml)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool (Debian package prometheus) is needed; .ci/run installs it")
+    folder = ROOT / "deploy" / "prometheus"
+    for args in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"], ["check", "config", "prometheus.yml"]):
+        res = subprocess.run([promtool, *args], cwd=folder, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stdout + res.stderr
