@@ -31,10 +31,11 @@ def user_errors(fn):
         from common.config import ConfigError
         from common.data import DataError
         from common.hub import HubUnavailable
+        from deploy.certs import CertsError
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, HubUnavailable, FileNotFoundError) as err:
+        except (ConfigError, DataError, HubUnavailable, FileNotFoundError, CertsError) as err:
             typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
 
@@ -412,27 +413,32 @@ def _judge(run_dir: Path) -> int:
 @app.command()
 @user_errors
 def certs(
-    out: Annotated[Path, typer.Option("--out", help="Folder for ca.crt, server.pem/.key and supernode-<i> keys.")] = Path("certs"),
-    san: Annotated[list[str] | None, typer.Option("--san", help="A name or IP address clients dial (repeat).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for ca.crt, server.pem/.key, supernode-<i> keys and operator-<i> certificates.")] = Path("certs"),
+    san: Annotated[list[str] | None, typer.Option("--san", help="A name or IP address clients dial (repeat); loopback is always added.")] = None,
     supernodes: Annotated[int, typer.Option("--supernodes", help="SuperNode key pairs to create.")] = 0,
+    operators: Annotated[int, typer.Option("--operators", help="Operator client certificates (Control API through the proxy).")] = 1,
     days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files (invalidates everything issued from the old CA).")] = False,
 ) -> None:
-    """Create a CA, the SuperLink TLS certificate and ECDSA SuperNode keys (OpenSSH format)."""
-    from deploy.certs import generate
+    """Create a CA, the SuperLink TLS certificate, SuperNode keys and operator certificates; never overwrites without --force."""
+    from deploy.certs import LOOPBACK, generate
 
-    names = san or ["localhost", "127.0.0.1"]
-    paths = generate(out, names, supernodes, days)
-    typer.echo(f"wrote {len(paths)} files to {out} (SuperLink certificate for: {', '.join(names)})")
+    names = san or ["localhost"]
+    paths = generate(out, names, supernodes, days, operators=operators, force=force)
+    typer.echo(f"wrote {len(paths)} files to {out} (SuperLink certificate for: {', '.join(dict.fromkeys([*names, *LOOPBACK]))})")
     typer.echo(f"  SuperLink : fedcal superlink --certs {out} --supernode-auth")
     for i in range(supernodes):
         typer.echo(f"  register  : flwr supernode register {out}/supernode-{i}.pub <connection>")
-    typer.echo(f"  SuperNode : fedcal node --superlink <host>:8000 --root-certificates {out}/ca.crt --auth-key {out}/supernode-<i> ...")
+    if supernodes:
+        typer.echo(f"  SuperNode : fedcal node --superlink <host>:8000 --root-certificates {out}/ca.crt --auth-key {out}/supernode-<i> ...")
+    for i in range(operators):
+        typer.echo(f"  operator  : {out}/operator-{i}.pem and {out}/operator-{i}.key (keep them with the operator)")
 
 
 @app.command()
 @user_errors
 def superlink(
-    host: Annotated[str, typer.Option(help="Bind address (0.0.0.0 to accept other machines).")] = "0.0.0.0",
+    host: Annotated[str, typer.Option(help="Bind address; default 0.0.0.0 with --certs, else 127.0.0.1 (plain HTTP stays on this machine).")] = "",
     port: Annotated[int, typer.Option(help="The one HTTP(S) port of the SuperLink (Fleet, Control, Runtime APIs).")] = 8000,
     certs_dir: Annotated[Path | None, typer.Option("--certs", help="Folder from `fedcal certs` (ca.crt, server.pem, server.key); omit for --insecure.")] = None,
     supernode_auth: Annotated[bool, typer.Option("--supernode-auth", help="Only registered SuperNode keys may connect (needs --certs).")] = False,
@@ -445,13 +451,15 @@ def superlink(
     from deploy.commands import TLSFiles, superlink_args
 
     tls = None
+    host = host or ("0.0.0.0" if certs_dir is not None else "127.0.0.1")
     if certs_dir is not None:
         tls = TLSFiles.in_folder(certs_dir)
         preflight.check_certificate(tls.ca, "--certs (ca.crt)")
-        preflight.check_file(tls.server_cert, "--certs (server.pem)", "run `fedcal certs --out DIR --san <host>` first")
-        preflight.check_file(tls.server_key, "--certs (server.key)", "run `fedcal certs --out DIR --san <host>` first")
+        preflight.check_server_tls(tls, [host, "127.0.0.1"])
     elif supernode_auth:
         raise preflight.PreflightError("--supernode-auth needs TLS: pass --certs DIR (create it with `fedcal certs`)")
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        raise preflight.PreflightError(f"--host {host} without --certs would expose the Control API unencrypted to the network: pass --certs DIR (TLS) or keep 127.0.0.1")
     args = superlink_args(host=host, port=port, database=database, tls=tls, supernode_auth=supernode_auth)
     typer.echo(" ".join(args), err=True)
     if dry_run:

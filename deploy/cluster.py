@@ -153,7 +153,7 @@ def start_cluster(
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     tls_files = None
     if tls:
-        certs.generate(work_dir / "certs", ["localhost", "127.0.0.1"], supernodes=supernodes)
+        certs.generate(work_dir / "certs", ["localhost", "127.0.0.1"], supernodes=supernodes, force=True)  # the cluster owns its work dir
         tls_files = TLSFiles.in_folder(work_dir / "certs")
     address = f"127.0.0.1:{port}"
     connection = connection or ("fedcal-local-tls" if tls else "fedcal-local")

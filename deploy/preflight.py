@@ -115,3 +115,65 @@ def check_run(cfg) -> int | None:
     if cfg.data.path or offline_requested() or not reachable():
         load_source(cfg.data)  # a local folder is scanned; a hub dataset must be in the cache
     return count_partitions(cfg.data)
+
+
+def _load_cert(path: Path, what: str):
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (ValueError, OSError) as err:
+        raise PreflightError(f"{what} {str(path)!r} is not a PEM certificate ({str(err).splitlines()[0]}): recreate it with `fedcal certs`") from None
+
+
+def check_pair(cert: Path, key: Path, ca: Path, what: str) -> object:
+    """``cert`` and ``key`` parse and belong together, and ``ca`` issued ``cert``; returns the certificate."""
+    for path in (cert, key, ca):
+        check_file(path, what, "run `fedcal certs --out DIR --san <host>` first")
+    ca_cert, parsed = _load_cert(ca, f"{what} CA"), _load_cert(cert, what)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key))
+    except ssl.SSLError as err:
+        why = "does not match the certificate" if "MISMATCH" in str(err).upper() else f"is not a usable PEM key ({err.reason})"
+        raise PreflightError(f"{what}: the key {str(key)!r} {why}: use the pair `fedcal certs` wrote together") from None
+    try:
+        parsed.verify_directly_issued_by(ca_cert)
+    except Exception:  # noqa: BLE001 - cryptography raises several types for a wrong issuer
+        raise PreflightError(f"{what}: {str(cert)!r} was not issued by {str(ca)!r}: use the ca.crt of the same `fedcal certs` folder") from None
+    return parsed
+
+
+def check_server_tls(tls, hosts: list[str]) -> None:
+    """The SuperLink's certificate: a matching pair issued by the CA, whose SANs cover every name
+    in ``hosts`` (the address it serves and loopback, which its own executors dial)."""
+    import ipaddress
+
+    from cryptography import x509
+
+    cert = check_pair(Path(tls.server_cert), Path(tls.server_key), Path(tls.ca), "--certs (server.pem/server.key)")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = x509.SubjectAlternativeName([])
+    names = set(san.get_values_for_type(x509.DNSName)) | {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    for host in hosts:
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            pass
+        if host not in ("0.0.0.0", "::") and host not in names:
+            raise PreflightError(f"--certs: server.pem covers {sorted(names)}, not {host!r}: recreate it with `fedcal certs --san {host} --force`")
+
+
+def check_operator(cert: Path, key: Path, ca: Path) -> None:
+    """An operator's client certificate: a matching pair issued by the CA, allowed for clientAuth."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    parsed = check_pair(cert, key, ca, "--operator-cert")
+    try:
+        usage = parsed.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = []
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+        raise PreflightError(f"--operator-cert {str(cert)!r} is not a client certificate: use an operator-<i>.pem from `fedcal certs --operators N`")

@@ -99,3 +99,19 @@ def test_app_image_is_built_on_flowers_superexec():
     assert "HF_HUB_OFFLINE=1" in text and "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text
     for folder in ("common", "client", "server", "deploy"):
         assert f"COPY --chown=app:app {folder} ./{folder}" in text
+
+
+@pytest.mark.parametrize("file", ["compose.yml", "compose.tls.yml"])
+def test_ports_are_published_on_loopback_unless_the_operator_opts_in(file):
+    services = compose_config(file)
+    def parse(port) -> tuple[str, str]:  # "127.0.0.1:3000:3000/tcp", "8000:8000/tcp" or the long form
+        if isinstance(port, dict):
+            return str(port.get("host_ip", "0.0.0.0")), str(port["published"])
+        parts = str(port).split("/")[0].split(":")
+        return (parts[0], parts[1]) if len(parts) == 3 else ("0.0.0.0", parts[0])
+
+    published = {(name, *parse(p)) for name, svc in services.items() for p in svc.get("ports", [])}
+    public = {(name, port) for name, ip, port in published if ip != "127.0.0.1"}
+    # only the TLS SuperLink faces the network (SuperNodes on other machines dial it)
+    assert public == ({("superlink", "8000")} if file == "compose.tls.yml" else set()), published
+    assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
