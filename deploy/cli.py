@@ -438,35 +438,95 @@ def certs(
 @app.command()
 @user_errors
 def superlink(
-    host: Annotated[str, typer.Option(help="Bind address; default 0.0.0.0 with --certs, else 127.0.0.1 (plain HTTP stays on this machine).")] = "",
-    port: Annotated[int, typer.Option(help="The one HTTP(S) port of the SuperLink (Fleet, Control, Runtime APIs).")] = 8000,
-    certs_dir: Annotated[Path | None, typer.Option("--certs", help="Folder from `fedcal certs` (ca.crt, server.pem, server.key); omit for --insecure.")] = None,
+    host: Annotated[str, typer.Option(help="Public bind address; default 0.0.0.0 with --certs, else 127.0.0.1 (plain HTTP stays on this machine).")] = "",
+    port: Annotated[int, typer.Option(help="The public port (with --certs: the proxy's; the SuperLink itself listens on loopback).")] = 8000,
+    certs_dir: Annotated[Path | None, typer.Option("--certs", help="Folder from `fedcal certs` (ca.crt, server.pem, server.key); omit for plain HTTP on loopback.")] = None,
     supernode_auth: Annotated[bool, typer.Option("--supernode-auth", help="Only registered SuperNode keys may connect (needs --certs).")] = False,
     database: Annotated[str, typer.Option(help="SQLite state file (survives restarts).")] = "state/state.db",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the flower-superlink command only.")] = False,
+    upstream_port: Annotated[int, typer.Option("--upstream-port", help="With --certs: the SuperLink's own port on 127.0.0.1, behind the proxy.")] = 8100,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command lines only.")] = False,
 ) -> None:
-    """Check the inputs, then run flower-superlink with Flower 1.42 flags."""
-
+    """Check the inputs, then run flower-superlink; with --certs behind the nginx proxy (Fleet API public, Control API for operators only)."""
     from deploy import preflight
     from deploy.commands import TLSFiles, superlink_args
 
-    tls = None
     host = host or ("0.0.0.0" if certs_dir is not None else "127.0.0.1")
-    if certs_dir is not None:
-        tls = TLSFiles.in_folder(certs_dir)
-        preflight.check_certificate(tls.ca, "--certs (ca.crt)")
-        preflight.check_server_tls(tls, [host, "127.0.0.1"])
-    elif supernode_auth:
-        raise preflight.PreflightError("--supernode-auth needs TLS: pass --certs DIR (create it with `fedcal certs`)")
-    elif host not in ("127.0.0.1", "localhost", "::1"):
-        raise preflight.PreflightError(f"--host {host} without --certs would expose the Control API unencrypted to the network: pass --certs DIR (TLS) or keep 127.0.0.1")
-    args = superlink_args(host=host, port=port, database=database, tls=tls, supernode_auth=supernode_auth)
-    typer.echo(" ".join(args), err=True)
+    if certs_dir is None:
+        if supernode_auth:
+            raise preflight.PreflightError("--supernode-auth needs TLS: pass --certs DIR (create it with `fedcal certs`)")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise preflight.PreflightError(f"--host {host} without --certs would expose the Control API unencrypted to the network: pass --certs DIR (TLS) or keep 127.0.0.1")
+        args = superlink_args(host=host, port=port, database=database)
+        typer.echo(" ".join(args), err=True)
+        if dry_run:
+            return
+        preflight.port_free(host, port, "--port")
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        os.execvp(args[0], args)
+    tls = TLSFiles.in_folder(certs_dir)
+    preflight.check_certificate(tls.ca, "--certs (ca.crt)")
+    preflight.check_server_tls(tls, [host, "127.0.0.1"])
+    _superlink_behind_proxy(host, port, upstream_port, tls, supernode_auth, database, dry_run)
+
+
+def _superlink_behind_proxy(host: str, port: int, upstream_port: int, tls, supernode_auth: bool, database: str, dry_run: bool) -> None:
+    """flower-superlink on loopback and nginx on the public address, started and stopped together."""
+    import shutil
+    import subprocess
+    import time
+
+    from deploy import preflight, proxy
+    from deploy.commands import proxy_args, superlink_args
+
+    work = Path(database).parent / "proxy"
+    link = superlink_args(host="127.0.0.1", port=upstream_port, database=database, tls=tls, supernode_auth=supernode_auth)
+    conf = proxy.write_conf(work, listen=host, port=port, upstream_port=upstream_port, tls=tls)
+    front = proxy_args(conf, work / "proxy-error.log")
+    typer.echo(" ".join(link), err=True)
+    typer.echo(" ".join(front), err=True)
     if dry_run:
         return
+    if shutil.which("nginx") is None:
+        raise preflight.PreflightError("the proxy needs nginx: `apt-get install nginx` (Debian) or your system's package")
     preflight.port_free(host, port, "--port")
-    Path(database).parent.mkdir(parents=True, exist_ok=True)
-    os.execvp(args[0], args)
+    preflight.port_free("127.0.0.1", upstream_port, "--upstream-port")
+    procs = [subprocess.Popen(link), subprocess.Popen(front)]
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        dead = "flower-superlink" if procs[0].poll() is not None else f"nginx (see {work}/proxy-error.log)"
+        typer.secho(f"error: {dead} exited; stopping the other", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=20)
+
+
+@app.command("operator-tunnel")
+@user_errors
+def operator_tunnel(
+    proxy: Annotated[str, typer.Option("--proxy", help="host:port of the SuperLink's proxy.")],
+    cert: Annotated[Path, typer.Option("--cert", help="Your operator certificate (operator-<i>.pem from `fedcal certs`).")],
+    key: Annotated[Path, typer.Option("--key", help="Its private key (operator-<i>.key).")],
+    ca: Annotated[Path, typer.Option("--ca", help="The deployment's ca.crt.")],
+    listen: Annotated[str, typer.Option("--listen", help="Loopback address the flwr connection points at.")] = "127.0.0.1:8001",
+) -> None:
+    """Forward the flwr CLI's Control API calls to the proxy with your operator certificate (until Ctrl-C)."""
+    from deploy import preflight, tunnel
+
+    preflight.check_operator(cert, key, ca)
+    host, _ = preflight.parse_address(listen, "--listen")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise preflight.PreflightError(f"--listen {listen}: the tunnel must listen on loopback only (it lends your certificate to whoever connects)")
+    typer.echo(f"operator tunnel {listen} -> {proxy}; flwr connection: address = \"{listen}\", insecure = true", err=True)
+    try:
+        tunnel.run(listen, proxy, str(cert), str(key), str(ca))
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()

@@ -67,3 +67,16 @@ def superexec_args(*, runtime_api_address: str, root_certificates: Path | str | 
     args = ["flower-superexec"]
     args += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
     return args + ["--runtime-api-address", runtime_api_address]
+
+
+PROXY_UPSTREAM_PORT = 8100  # the SuperLink's own port on loopback, behind the proxy
+
+
+def proxy_args(conf: Path | str, error_log: Path | str) -> list[str]:
+    """nginx in the foreground with fedcal's configuration (deploy/proxy.py)."""
+    return ["nginx", "-e", str(Path(error_log).resolve()), "-c", str(Path(conf).resolve())]
+
+
+def tunnel_args(*, proxy: str, cert: Path | str, key: Path | str, ca: Path | str, listen: str = "127.0.0.1:8001") -> list[str]:
+    """An operator's local end of the Control API (deploy/tunnel.py)."""
+    return ["fedcal", "operator-tunnel", "--proxy", proxy, "--cert", str(cert), "--key", str(key), "--ca", str(ca), "--listen", listen]

@@ -60,13 +60,21 @@ def test_local_cluster_commands():
 
 
 def test_tls_variant_commands():
+    from deploy.commands import proxy_args
+    from deploy.proxy import COMPOSE, compose_conf
+
     services = compose_config("compose.tls.yml")
-    assert services["superlink"]["command"] == superlink_args(host="0.0.0.0", port=8000, database="state/state.db", tls=CERTS,
+    assert services["superlink"]["command"] == superlink_args(host="0.0.0.0", port=COMPOSE["upstream_port"], database="state/state.db", tls=CERTS,
                                                               supernode_auth=True, isolation="process")[1:]
-    assert services["serverapp"]["command"] == superexec_args(runtime_api_address="superlink:8000", root_certificates="certificates/ca.crt")[1:]
+    assert "ports" not in services["superlink"]  # only the proxy is published
+    assert (DOCKER / "nginx.tls.conf").read_text() == compose_conf()
+    work = COMPOSE["work_dir"]
+    assert services["proxy"]["command"] == [f"mkdir -p {work}/tmp && exec " + " ".join(proxy_args("/etc/fedcal/nginx.conf", work / "proxy-error.log"))]
+    assert any(v.endswith(":/etc/fedcal/nginx.conf:ro") and "nginx.tls.conf" in v for v in services["proxy"]["volumes"])
+    assert services["serverapp"]["command"] == superexec_args(runtime_api_address="superlink:8100", root_certificates="certificates/ca.crt")[1:]
     for i in range(4):
         assert services[f"supernode-{i}"]["command"] == supernode_args(
-            superlink="superlink:8000", node_config=node_config_string(i, 4, "/data"), host="0.0.0.0", port=9094, isolation="process",
+            superlink="proxy:8000", node_config=node_config_string(i, 4, "/data"), host="0.0.0.0", port=9094, isolation="process",
             root_certificates="certificates/ca.crt", auth_key=f"certificates/supernode-{i}")[1:]
         assert services[f"supernode-{i}"]["depends_on"]["register"]["condition"] == "service_completed_successfully"
     assert "flwr supernode register" in services["register"]["command"][0]
@@ -112,6 +120,6 @@ def test_ports_are_published_on_loopback_unless_the_operator_opts_in(file):
 
     published = {(name, *parse(p)) for name, svc in services.items() for p in svc.get("ports", [])}
     public = {(name, port) for name, ip, port in published if ip != "127.0.0.1"}
-    # only the TLS SuperLink faces the network (SuperNodes on other machines dial it)
-    assert public == ({("superlink", "8000")} if file == "compose.tls.yml" else set()), published
+    # only the TLS proxy faces the network (SuperNodes on other machines dial it; operators need a certificate)
+    assert public == ({("proxy", "8000")} if file == "compose.tls.yml" else set()), published
     assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
