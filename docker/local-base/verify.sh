@@ -29,6 +29,7 @@ for target in superlink supernode superexec; do
     build -f "$ROOT/docker/local-base/Dockerfile" --target "$target" -t "docker.io/flwr/$target:1.42.0" "$ROOT/docker/local-base"
 done
 build -f "$ROOT/docker/local-base/Dockerfile" --target prometheus -t docker.io/prom/prometheus:v2.55.1 "$ROOT/docker/local-base"
+build -f "$ROOT/docker/local-base/Dockerfile" --target nginx -t docker.io/library/nginx:1.27-alpine "$ROOT/docker/local-base"
 podman build -v "$CA_BUNDLE:$CA_BUNDLE:ro" -f "$ROOT/docker/Dockerfile" -t fedcal-app:0.1.0 "$ROOT"
 
 export FEDCAL_DATA="$DATA" FEDCAL_WEIGHTS="$WORK/hf-cache" FLWR_HOME="$WORK/flwr"
@@ -36,20 +37,26 @@ mkdir -p "$FEDCAL_WEIGHTS"
 COMPOSE="$ROOT/docker/compose.yml"; CONN=compose
 SERVICES="superlink serverapp supernode-0 supernode-1 supernode-2 supernode-3 clientapp-0 clientapp-1 clientapp-2 clientapp-3 prometheus"
 if [ "$MODE" = tls ]; then
-    COMPOSE="$ROOT/docker/compose.tls.yml"; CONN=compose-tls; SERVICES="$SERVICES register"
+    COMPOSE="$ROOT/docker/compose.tls.yml"; CONN=compose-tls; SERVICES="$SERVICES proxy register"
     rm -rf "$ROOT/docker/certs"
-    fedcal certs --out "$ROOT/docker/certs" --san superlink --san localhost --san 127.0.0.1 --supernodes 4
+    fedcal certs --out "$ROOT/docker/certs" --san superlink --san proxy --supernodes 4 --operators 1
     chown -R 49999:49999 "$ROOT/docker/certs"
 fi
-python3 - "$FLWR_HOME" "$CONN" "$ROOT" <<'PY'
+python3 - "$FLWR_HOME" "$CONN" <<'PY'
 import sys
 from pathlib import Path
 from deploy.cluster import add_connection
-home, conn, root = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-add_connection(home, conn, "127.0.0.1:8000", root / "docker/certs/ca.crt" if conn.endswith("tls") else None, make_default=True)
+home, conn = Path(sys.argv[1]), sys.argv[2]
+# TLS: the Control API only through the operator tunnel (loopback), which holds the operator certificate
+add_connection(home, conn, "127.0.0.1:8001" if conn.endswith("tls") else "127.0.0.1:8000", make_default=True)
 PY
 podman-compose -p fedcal -f "$COMPOSE" up -d $SERVICES
 trap 'podman-compose -p fedcal -f "$COMPOSE" down' EXIT
+if [ "$MODE" = tls ]; then
+    C="$ROOT/docker/certs"
+    fedcal operator-tunnel --proxy 127.0.0.1:8000 --cert "$C/operator-0.pem" --key "$C/operator-0.key" --ca "$C/ca.crt" &
+    trap 'kill %1; podman-compose -p fedcal -f "$COMPOSE" down' EXIT
+fi
 for _ in $(seq 90); do
     [ "$(flwr supernode list "$CONN" --format json 2>/dev/null | grep -c '"online"')" = 4 ] && break
     sleep 2
