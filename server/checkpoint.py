@@ -27,6 +27,8 @@ from safetensors.numpy import save_file as save_np
 
 from common.config import ConfigError
 
+from .records import atomic_text
+
 
 @dataclass
 class Checkpoint:
@@ -45,15 +47,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _save_dir(folder: Path, global_state: dict[str, torch.Tensor], strategy_arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -77,7 +70,7 @@ def save(run_dir: Path, server_round: int, global_state: dict[str, torch.Tensor]
     folder = root / f"round-{server_round:05d}"
     _save_dir(folder, global_state, strategy_arrays, {**meta, "round": server_round})
     previous = (root / "LATEST").read_text().strip() if (root / "LATEST").exists() else ""
-    _atomic_write_text(root / "LATEST", folder.name)
+    atomic_text(root / "LATEST", folder.name)
     if previous and previous != folder.name and not keep_rounds:
         shutil.rmtree(root / previous, ignore_errors=True)
     return folder
