@@ -171,6 +171,27 @@ def test_misbehaving_clients_are_rejected_and_the_run_completes(simulation):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_more_forged_replies_with_real_processes(simulation):
+    """A metric named like a record field, a missing metric, a negative weight, negative counts: every
+    training reply is rejected, so the global state never moves, and the run still completes."""
+    run_dir, out = simulation("forged-more", **{"fl.min_train_nodes": 1, "eval.temperature_scaling": "none",
+                                                "fault.plan": "0:extra-metric,1:negative-weight,2:missing-metric,3:negative-counts"})
+    assert (run_dir / "summary.json").exists(), out[-5000:]
+    rows = read_records(run_dir)
+    rejected = sorted((r["round"], r["phase"], r["partition"], r["reason"]) for r in rows if r["kind"] == "rejected")
+    assert rejected == [(rnd, phase, p, reason) for rnd in (1, 2) for phase, p, reason in
+                        (("evaluate", 3, "calibration"), ("train", 0, "metrics"), ("train", 1, "weight"), ("train", 2, "metrics"))]
+    assert [r["aggregated"] for r in rows if r["kind"] == "round"] == [False, False]
+    assert not [r for r in rows if r["kind"] == "train"] and all(r.get("partition", 0) != 99 for r in rows)
+    from common import config
+    from server.app import initial_trainable_state
+    from tests.conftest import CLASSES
+
+    initial, _ = initial_trainable_state(config.load(str(simulation.home / "forged-more.toml")), CLASSES)
+    final = load_file(str(run_dir / "final" / "global.safetensors"))
+    assert final.keys() == initial.keys() and all(np.array_equal(initial[k].numpy(), final[k]) for k in final)
+
+
 VOLATILE = {"time", "seconds", "train-seconds", "node_id", "wall_seconds"}
 
 
