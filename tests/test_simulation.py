@@ -113,9 +113,20 @@ def test_smoke_run_records_everything(simulation):
     assert "round 2/2" in out and "pooled test acc" in out
 
 
+THREE_ROUNDS = {"fl.rounds": 3, "eval.temperature_scaling": "none"}
+
+
+def uninterrupted(simulation) -> Path:
+    """One uninterrupted 3-round run per module: the reference of both resumption tests."""
+    full_dir = simulation.home / "runs" / "full"
+    if not (full_dir / "final").exists():
+        _, out = simulation("full", **THREE_ROUNDS)
+        assert (full_dir / "final" / "global.safetensors").exists(), out[-5000:]
+    return full_dir
+
+
 def test_resumed_run_equals_uninterrupted(simulation):
-    full_dir, out = simulation("full", **{"fl.rounds": 3, "eval.temperature_scaling": "none"})
-    assert (full_dir / "final" / "global.safetensors").exists(), out[-5000:]
+    full_dir = uninterrupted(simulation)
     cut_dir, out = simulation("cut", **{"fl.rounds": 3, "eval.temperature_scaling": "none", "fault.stop_after_round": 2})
     assert not (cut_dir / "final").exists(), out[-3000:]
     assert (cut_dir / "checkpoints" / "LATEST").read_text() == "round-00002"
@@ -192,7 +203,7 @@ def test_more_forged_replies_with_real_processes(simulation):
     assert final.keys() == initial.keys() and all(np.array_equal(initial[k].numpy(), final[k]) for k in final)
 
 
-VOLATILE = {"time", "seconds", "train-seconds", "node_id", "wall_seconds"}
+VOLATILE = {"time", "seconds", "train_seconds", "node_id", "wall_seconds"}
 
 
 def comparable(rows: list[dict]) -> list[str]:
@@ -204,9 +215,8 @@ def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_records(simulation
     import signal
     import time
 
-    cfg = {"fl.rounds": 3, "eval.temperature_scaling": "none"}
-    full_dir, out = simulation("uninterrupted", **cfg)
-    assert (full_dir / "final").exists(), out[-3000:]
+    cfg = THREE_ROUNDS
+    full_dir = uninterrupted(simulation)
     started = simulation.submit("killed", **cfg)
     killed = full_dir.parent / "killed"
     deadline = time.monotonic() + 300
@@ -251,3 +261,24 @@ def test_fedcal_run_exits_non_zero_when_the_run_fails_and_refuses_a_busy_folder(
         held.close()
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert res.returncode == 2 and len(errors) == 1 and f"pid {os.getpid()}" in errors[0], res.stderr[-3000:]
+
+
+def test_ctrl_c_on_fedcal_run_stops_the_run(simulation):
+    import signal
+    import time
+
+    folder = simulation.home / "runs" / "interrupted"
+    args = [str(BIN / "fedcal"), "run", "configs/offline-smoke.toml", f'output.dir="{simulation.home / "runs"}"', 'output.run_name="interrupted"',
+            "fl.rounds=8", "eval.temperature_scaling=\"none\"", "--connection", "sim", "--federation-config", FEDERATION]
+    proc = subprocess.Popen(args, env=simulation.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (folder / "metrics.jsonl").exists() or not any(r["kind"] == "round" for r in read_records(folder)):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run did not reach round 1"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped run" in out, out[-3000:]
+    done = {r["round"] for r in read_records(folder) if r["kind"] == "round"}
+    time.sleep(10)
+    assert {r["round"] for r in read_records(folder) if r["kind"] == "round"} == done and max(done) < 8
+    assert json.loads((folder / "status.json").read_text())["status"] != "completed"
