@@ -148,6 +148,7 @@ class FedCalMixin:
         if self.failing_rounds >= 2:
             from .nodes import FederationError
 
+            self.ledger.flush()  # the round's failures are recorded before the run ends
             raise FederationError(f"every sampled client failed in rounds {rnd - 1} and {rnd}, e.g. {errors[0].error.reason}")
 
     def _note_missing(self, phase: str, rnd: int, answered: set[int]) -> None:
