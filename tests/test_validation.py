@@ -351,3 +351,19 @@ def test_a_nan_update_is_rejected_as_non_finite_whatever_its_metrics_say(setup):
     bad["w"][0, 0] = np.nan
     strategy.aggregate_train(1, [reply(seen[0], client_state(1), train_metrics()), reply(seen[1], bad, train_metrics(**{"update-norm": float("nan")}))])
     assert [r["reason"] for r in read_records(run.path) if r["kind"] == "rejected"] == ["non-finite"]
+
+
+def test_every_client_failing_two_rounds_running_ends_the_run_with_the_reason(setup):
+    from server.nodes import FederationError
+    from tests.flower_helpers import error_reply
+
+    strategy, run, reg, seen = setup
+    strategy.sampled["train"] = set(seen)
+    errors = [error_reply(n, "partition 0: data folder missing") for n in seen]
+    strategy.aggregate_train(1, errors)
+    ok = [reply(seen[0], client_state(1), train_metrics(rnd=2))] + errors[1:]
+    strategy.aggregate_train(2, ok)  # one client recovers: the count starts again
+    strategy.aggregate_train(3, errors)
+    with pytest.raises(FederationError, match="rounds 3 and 4, e.g. partition 0: data folder missing"):
+        strategy.aggregate_train(4, errors)
+    assert len([r for r in read_records(run.path) if r["kind"] == "failed" and r["round"] == 4]) == len(seen)
