@@ -73,7 +73,11 @@ class ClientEval:
 
 
 def pool(evals: list[ClientEval], server_round: int) -> list[dict[str, Any]]:
-    """Pooled, per-group (seen/unseen) and per-domain rows from summed statistics (exact)."""
+    """Pooled, per-group (seen/unseen) and per-domain rows from summed statistics (exact).
+
+    The sums run in partition order, so the figures do not depend on the order replies arrived in
+    (floating-point addition is not associative: a resumed run must record the same bits)."""
+    evals = sorted(evals, key=lambda e: (e.partition, e.split, e.ts))
     rows = []
     keys = sorted({(e.split, e.ts) for e in evals})
     for split, ts in keys:

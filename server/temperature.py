@@ -57,8 +57,7 @@ def fit_global_temperature(grid_api, node_ids: list[int], arrays: ArrayRecord, t
         Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"action": "nll-grid", "temperatures": temps})}), dst_node_id=n, message_type="query")
         for n in node_ids
     ]
-    total = np.zeros(len(temps))
-    examples = clients = 0
+    accepted: dict[int, tuple[np.ndarray, int]] = {}
     errors: dict[int, str] = {}
     answered: set[int] = set()
     for msg in grid_api.send_and_receive(messages, timeout=timeout):
@@ -79,12 +78,16 @@ def fit_global_temperature(grid_api, node_ids: list[int], arrays: ArrayRecord, t
             errors[node] = f"{rej.reason}: {rej.detail}"
             _note(ledger, "rejected", rnd, ident, rej.reason, rej.detail)
             continue
-        total += sums
-        examples += n
-        clients += 1
+        accepted[node] = (sums, n)
     for node in sorted(set(node_ids) - answered):
         errors[node] = "no reply"
         _note(ledger, "missing", rnd, _ident(registry, node), None, None)
+    # summed in partition order: the result does not depend on the order replies arrived in
+    order = sorted(accepted, key=lambda n: (getattr(registry.info.get(n), "partition_id", n) if registry is not None else n, n))
+    total = np.zeros(len(temps))
+    for node in order:
+        total += accepted[node][0]
+    examples, clients = sum(accepted[n][1] for n in order), len(order)
     t, before, after, edge = choose(temps, total, examples)
     if edge:
         log.warning("federated temperature %.3g lies on the edge of the candidate grid [%.3g, %.3g]", t, temps[0], temps[-1])

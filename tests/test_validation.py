@@ -20,6 +20,7 @@ from server.monitoring import Monitor
 from server.nodes import NodeRegistry
 from server.records import RunDirectory, RunFolderBusy, read_records
 from server.temperature import fit_global_temperature
+from server.validation import check_evaluate
 from tests.flower_helpers import reply, set_identity
 from tests.test_strategy import CLASSES, GLOBAL, client_state, make, train_metrics
 
@@ -367,3 +368,21 @@ def test_every_client_failing_two_rounds_running_ends_the_run_with_the_reason(se
     with pytest.raises(FederationError, match="rounds 3 and 4, e.g. partition 0: data folder missing"):
         strategy.aggregate_train(4, errors)
     assert len([r for r in read_records(run.path) if r["kind"] == "failed" and r["round"] == 4]) == len(seen)
+
+
+def test_pooled_figures_do_not_depend_on_reply_order(setup):
+    """Float sums are not associative: pooling runs in partition order, so a resumed run records the same bits."""
+    import random
+
+    from server.records import pool
+
+    strategy, run, reg, seen = setup
+    replies = honest_eval(strategy, reg)
+    evals = []
+    for node, m in replies.items():
+        evals += check_evaluate(reply(node, None, m, message_type="evaluate"), node, reg.info[node], 1, strategy.cfg, 3, "none")
+    reference = pool(evals, 1)
+    for seed in range(5):
+        shuffled = list(evals)
+        random.Random(seed).shuffle(shuffled)
+        assert json.dumps(pool(shuffled, 1), sort_keys=True) == json.dumps(reference, sort_keys=True)
