@@ -116,8 +116,7 @@ class NodeRegistry:
             self.info[node] = info
             added.append(info)
             if ledger is not None:
-                ledger.note("joined", rnd, "join", {"node_id": node, "partition": info.partition_id, "domain": info.domain, "role": info.role},
-                            fields={"sizes": info.sizes})
+                ledger.note("joined", rnd, "join", self.ident(node), fields={"sizes": info.sizes})
         for node in set(new) - set(candidates) - set(self.failed):
             log.warning("node %d did not answer the info query within %.0fs; it will be asked again", node, self.info_timeout)
         for info in sorted(added, key=lambda i: i.partition_id):
@@ -128,7 +127,7 @@ class NodeRegistry:
     def _refuse(self, ledger, rnd: int, node: int, outcome: str, reason: str | None, detail: str) -> None:
         self.failed[node] = f"{reason}: {detail}" if detail else str(reason)
         if ledger is not None:
-            ledger.note(outcome, rnd, "join", {"node_id": node, "partition": None, "domain": None, "role": None}, reason=reason, detail=detail)
+            ledger.note(outcome, rnd, "join", self.ident(node), reason=reason, detail=detail)
         else:
             log.error("node %d cannot join: %s", node, self.failed[node])
 
@@ -150,6 +149,12 @@ class NodeRegistry:
         return None
 
     # ------------------------------------------------------------------ views
+    def ident(self, node: int | None) -> dict:
+        """The identity a record row carries: always the registry's, never a reply's (None if unknown)."""
+        info = self.info.get(node) if node is not None else None
+        return {"node_id": node, "partition": info.partition_id if info else None, "domain": info.domain if info else None,
+                "role": info.role if info else None}
+
     def _ordered(self, ids: Iterable[int]) -> list[int]:
         return sorted((n for n in ids if n in self.info), key=lambda n: self.info[n].partition_id)
 

@@ -54,7 +54,7 @@ from .records import ClientEval, RunDirectory, pool
 from .report import write_round_outputs
 from .temperature import fit_global_temperature
 from .tracking import TensorBoardLog
-from .validation import Rejection, check_evaluate, check_train
+from .validation import Rejection, check_evaluate, check_train, screen
 
 log = logging.getLogger("flwr.fedcal")
 
@@ -108,9 +108,8 @@ class FedCalMixin:
     def _info(self, node: int):
         return self.registry.info.get(node)
 
-    def _ident(self, node: int) -> dict[str, Any]:
-        info = self._info(node)
-        return {"node_id": node, "partition": info.partition_id if info else None, "domain": info.domain if info else None, "role": info.role if info else None}
+    def _ident(self, node: int | None) -> dict[str, Any]:
+        return self.registry.ident(node)
 
     def _safely(self, what: str, fn, *args) -> Any:
         """Run a step that must never end a round (monitoring, pooling, diagrams): log its failure."""
@@ -123,14 +122,9 @@ class FedCalMixin:
     def _screen(self, msg: Message, phase: str, rnd: int, answered: set[int]) -> int | None:
         """The reply's node if it may be validated; else it is recorded (failed, unsampled, duplicate)."""
         node = reply_source(msg, self.sent[phase])
-        ident = self._ident(node)
-        if node not in self.sampled[phase] or node in answered:
-            reason = "duplicate" if node in answered else "unsampled"
-            self.ledger.note("rejected", rnd, phase, ident, reason, f"a {phase} reply from a node that was not asked (or already answered)")
-            return None
-        answered.add(node)
-        if msg.has_error():
-            self.ledger.note("failed", rnd, phase, ident, msg.error.reason)
+        verdict = screen(msg, node, self.sampled[phase], answered)
+        if verdict:
+            self.ledger.note(verdict[0], rnd, phase, self._ident(node), *verdict[1:])
             return None
         return node
 
@@ -217,7 +211,7 @@ class FedCalMixin:
         """Flower's aggregation of the valid replies; a failure or a non-finite result keeps the global state."""
         # a fixed order (by partition) makes the floating-point sums, hence resumed runs, reproducible
         valid.sort(key=lambda m: (self._ident(m.metadata.src_node_id)["partition"] or 0, m.metadata.src_node_id))
-        none = {"node_id": None, "partition": None, "domain": None, "role": None}
+        none = self._ident(None)
         try:
             aggregated, metrics = super().aggregate_train(rnd, valid)
         except Exception as err:  # noqa: BLE001 - e.g. Krum with too few replies

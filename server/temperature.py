@@ -44,13 +44,13 @@ def choose(grid: list[float], sums: np.ndarray, examples: int) -> tuple[float, f
 
 
 def fit_global_temperature(grid_api, node_ids: list[int], arrays: ArrayRecord, timeout: float, grid_size: int = 61, *,
-                           registry=None, ledger=None, rnd: int = 0, ts_split: str = "val") -> GlobalTemperature:
+                           registry, ledger=None, rnd: int = 0, ts_split: str = "val") -> GlobalTemperature:
     """Ask ``node_ids`` for their NLL sums over the grid and pick the pooled minimiser.
 
     Every reply passes server/validation.py first (grid length, finite non-negative sums, the
     declared number of examples); an invalid or failed reply is left out and goes to the ledger.
     """
-    from .validation import Rejection, check_nll_grid
+    from .validation import Rejection, check_nll_grid, screen
 
     temps = default_temperature_grid(grid_size)
     messages = [
@@ -62,15 +62,11 @@ def fit_global_temperature(grid_api, node_ids: list[int], arrays: ArrayRecord, t
     answered: set[int] = set()
     for msg in grid_api.send_and_receive(messages, timeout=timeout):
         node = reply_source(msg, messages)
-        ident = _ident(registry, node)
-        if node not in node_ids or node in answered:
-            errors[node] = "unsampled or duplicate reply"
-            _note(ledger, "rejected", rnd, ident, "duplicate" if node in answered else "unsampled", errors[node])
-            continue
-        answered.add(node)
-        if msg.has_error():
-            errors[node] = msg.error.reason
-            _note(ledger, "failed", rnd, ident, msg.error.reason, None)
+        ident = registry.ident(node)
+        verdict = screen(msg, node, set(node_ids), answered)
+        if verdict:
+            errors[node] = verdict[1]
+            _note(ledger, verdict[0], rnd, ident, verdict[1], verdict[2])
             continue
         try:
             sums, n = check_nll_grid(msg, registry.info[node], len(temps), ts_split)
@@ -81,9 +77,9 @@ def fit_global_temperature(grid_api, node_ids: list[int], arrays: ArrayRecord, t
         accepted[node] = (sums, n)
     for node in sorted(set(node_ids) - answered):
         errors[node] = "no reply"
-        _note(ledger, "missing", rnd, _ident(registry, node), None, None)
+        _note(ledger, "missing", rnd, registry.ident(node), None, None)
     # summed in partition order: the result does not depend on the order replies arrived in
-    order = sorted(accepted, key=lambda n: (getattr(registry.info.get(n), "partition_id", n) if registry is not None else n, n))
+    order = sorted(accepted, key=lambda n: (registry.info[n].partition_id, n))  # every accepted node is registered
     total = np.zeros(len(temps))
     for node in order:
         total += accepted[node][0]
@@ -92,11 +88,6 @@ def fit_global_temperature(grid_api, node_ids: list[int], arrays: ArrayRecord, t
     if edge:
         log.warning("federated temperature %.3g lies on the edge of the candidate grid [%.3g, %.3g]", t, temps[0], temps[-1])
     return GlobalTemperature(t, before, after, examples, clients, edge, errors)
-
-
-def _ident(registry, node: int) -> dict:
-    info = registry.info.get(node) if registry is not None else None
-    return {"node_id": node, "partition": getattr(info, "partition_id", None), "domain": getattr(info, "domain", None), "role": getattr(info, "role", None)}
 
 
 def _note(ledger, outcome: str, rnd: int, ident: dict, reason: str | None, detail: str | None) -> None:

@@ -75,6 +75,19 @@ class TrainReply:
 
 
 # ------------------------------------------------------------------ shared pieces
+def screen(msg: Message, node: int, expected: set[int], answered: set[int]) -> tuple[str, str, str | None] | None:
+    """Why a reply must not even be validated, as (outcome, reason, detail): from a node that was not
+    asked or already answered this phase (rejected), or an error reply (failed). None: validate it.
+    Marks ``node`` as answered."""
+    if node not in expected or node in answered:
+        reason = "duplicate" if node in answered else "unsampled"
+        return "rejected", reason, "a reply from a node that was not asked (or already answered)"
+    answered.add(node)
+    if msg.has_error():
+        return "failed", msg.error.reason, None
+    return None
+
+
 def check_records(msg: Message, required: set[str]) -> None:
     content = msg.content
     names = set(content.keys())
