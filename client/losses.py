@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common import names
+
 if TYPE_CHECKING:  # pragma: no cover
     from open_clip.loss import ClipLoss
 
@@ -57,6 +59,7 @@ __all__ = [
     "classification_loss",
     "clip_contrastive_loss",
     "clip_logits",
+    "cross_projection_loss",
     "cross_entropy",
     "dca_penalty",
     "ema_update_",
@@ -77,10 +80,10 @@ CAROT_SD_WEIGHT = 0.75
 #: CaRot default weight of the orthogonality constraint on the visual projection.
 CAROT_OC_WEIGHT = 0.2
 
-#: Names accepted by :func:`classification_loss`.
-CLASSIFICATION_LOSSES = ("ce", "focal", "flsd53")
-#: Names accepted by :func:`calibration_penalty`.
-CALIBRATION_PENALTIES = ("none", "mbls", "dca", "mdca", "mmce")
+#: Names accepted by :func:`classification_loss` (declared once, in common/names.py).
+CLASSIFICATION_LOSSES = names.CLASSIFICATION_LOSSES
+#: Names accepted by :func:`calibration_penalty` (declared once, in common/names.py).
+CALIBRATION_PENALTIES = names.PENALTIES
 #: Default weights (lambda) of the calibration penalties, from their papers.
 DEFAULT_PENALTY_WEIGHTS: dict[str, float] = {"mbls": 0.1, "dca": 1.0, "mdca": 1.0, "mmce": 2.0}
 #: Epsilon added under the square root of MMCE^2 (as in Kumar et al.'s code).
@@ -288,7 +291,7 @@ def mdca_penalty(logits: Tensor, labels: Tensor) -> Tensor:
     return (probs.mean(dim=0) - freq).abs().mean()
 
 
-def mmce_penalty(logits: Tensor, labels: Tensor, width: float = 0.4) -> Tensor:
+def mmce_penalty(logits: Tensor, labels: Tensor, width: float = 0.4, form: str = "paper") -> Tensor:
     r"""Maximum Mean Calibration Error, unweighted (Kumar et al., ICML 2018).
 
     With confidences :math:`c_i = \max_k p_{ik}`, correctness
@@ -304,8 +307,14 @@ def mmce_penalty(logits: Tensor, labels: Tensor, width: float = 0.4) -> Tensor:
     differentiable at 0; ``MMCE^2`` (a PSD quadratic form) is clamped at 0
     first so that round-off cannot produce a nan.  ``r`` carries no gradient.
     Default weight 2 (see :func:`calibration_penalty`).
+
+    ``form="reference"`` returns :math:`\mathrm{MMCE}^2` itself, as the widely used reference
+    implementation (e.g. the focal-calibration code of Mukhoti et al.) does; a weight tuned
+    for one form does not carry over to the other.
     """
     _check_logits_labels(logits, labels)
+    if form not in names.MMCE_FORMS:
+        raise ValueError(f"unknown MMCE form {form!r}; valid: {', '.join(names.MMCE_FORMS)}")
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}")
     conf, correct = _confidence_and_correct(logits, labels)
@@ -313,6 +322,8 @@ def mmce_penalty(logits: Tensor, labels: Tensor, width: float = 0.4) -> Tensor:
     kernel = torch.exp(-(conf.unsqueeze(1) - conf.unsqueeze(0)).abs() / width)
     batch = logits.shape[0]
     mmce2 = (resid.unsqueeze(1) * resid.unsqueeze(0) * kernel).sum() / (batch * batch)
+    if form == "reference":
+        return mmce2
     return torch.sqrt(mmce2.clamp_min(0.0) + MMCE_EPS)
 
 
@@ -324,6 +335,7 @@ def calibration_penalty(
     weight: float | None = None,
     margin: float = 10.0,
     mmce_width: float = 0.4,
+    mmce_form: str = "paper",
 ) -> Tensor:
     """Weighted train-time calibration penalty, ``weight * penalty``.
 
@@ -351,7 +363,7 @@ def calibration_penalty(
     elif name == "mdca":
         penalty = mdca_penalty(logits, labels)
     else:
-        penalty = mmce_penalty(logits, labels, width=mmce_width)
+        penalty = mmce_penalty(logits, labels, width=mmce_width, form=mmce_form)
     return w * penalty
 
 
@@ -462,6 +474,19 @@ def orthogonality_loss(W: Tensor) -> Tensor:
         raise ValueError(f"W must be 2-D (width, embed_dim), got {tuple(W.shape)}")
     eye = torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
     return torch.linalg.matrix_norm(W.T @ W - eye, ord="fro")
+
+
+def cross_projection_loss(visual_proj: Tensor, text_proj: Tensor) -> Tensor:
+    r"""CaRot's official extra term :math:`\|W_v W_t^\top\|_F` (``--cross_fnorm``, weight 0.05).
+
+    ``visual_proj`` is open_clip's ``visual.proj`` (width_v, embed) and ``text_proj`` its
+    ``text_projection`` (width_t, embed); the product is (width_v, width_t). The official code
+    calls it a "d-rank SVD approximation"; the paper does not list it, so fedcal applies it only
+    where a preset asks (``loss.carot.cross_weight``).
+    """
+    if visual_proj.ndim != 2 or text_proj.ndim != 2 or visual_proj.shape[1] != text_proj.shape[1]:
+        raise ValueError(f"projections must be 2-D with the same embedding size, got {tuple(visual_proj.shape)} and {tuple(text_proj.shape)}")
+    return torch.linalg.matrix_norm(visual_proj @ text_proj.T, ord="fro")
 
 
 def carot_momentum(

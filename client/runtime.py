@@ -18,12 +18,12 @@ from common.config import NodeConfig, RunConfig
 from common.data import ClientData, load_client_data
 from common.methods import ClipMethod, build_method
 from common.model import LoadedClip, load_clip, resolve_device
+from common.names import NO_AUGMENT_METHODS
 
 from .train import SplitEvaluation, SplitInputs, TrainOutcome, evaluate_logits, local_train, predict
 
 log = logging.getLogger(__name__)
 
-NO_AUGMENT_METHODS = ("adapter", "linear", "zeroshot")  # FedCLIP trains without augmentation
 
 
 def rrc_flip(clip: LoadedClip):

@@ -1,13 +1,7 @@
 """Local training and evaluation of one client.
 
-One round of local training minimises
-
-    base loss (ce | focal | flsd53 | flyp | carot)
-  + calibration penalty (none | mbls | dca | mdca | mmce)
-  + method regulariser (KgCoOp)
-  + CaRot terms (EMA-teacher self-distillation; orthogonality of visual.proj when trainable)
-  + aggregator client term (FedProx proximal term | FedDyn linear + quadratic terms)
-
+One round of local training minimises the objective of ``client/objective.py`` (base loss,
+calibration penalty, method regulariser, CaRot terms, the aggregator's client term)
 over the trainable tensors only, with the configured optimizer (re-created every round: each
 message may run in a fresh process) and a learning-rate schedule laid over all local steps of all
 rounds. Randomness (batch order, augmentation, dropout) is seeded by (optim.seed, round, client).
@@ -24,7 +18,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +28,10 @@ from common.calibration import CalibrationStats, adaptive_ece
 from common.config import RunConfig, expand_path
 from common.data import ClientData
 from common.model import autocast
+from common.names import OBJECTIVE_TERMS
 
-from . import losses
 from .features import cache_key, cached_embeddings
+from .objective import CarriedState, Objective, StepLoss
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,22 +127,6 @@ def fednova_normaliser(steps: int, cfg: RunConfig) -> float:
     return (steps - rho * (1 - rho**steps) / (1 - rho)) / (1 - rho)
 
 
-@contextmanager
-def swapped_parameters(method, state: dict[str, torch.Tensor]):
-    """Evaluate ``method`` with its trainable tensors temporarily replaced by ``state`` (the teacher)."""
-    params = dict(method.trainable_named_parameters())
-    saved = {k: p.data for k, p in params.items()}
-    for k, p in params.items():
-        p.data = state[k]
-    method._text_cache = None
-    try:
-        yield
-    finally:
-        for k, p in params.items():
-            p.data = saved[k]
-        method._text_cache = None
-
-
 # --------------------------------------------------------------------------------------------
 # Local training
 # --------------------------------------------------------------------------------------------
@@ -161,15 +139,86 @@ class TrainOutcome:
     feddyn_grad: dict[str, torch.Tensor] | None = None
 
 
-def _progress(total: int, description: str):
-    quiet = not sys.stderr.isatty() or os.environ.get("CI") or os.environ.get("FEDCAL_QUIET")
-    if quiet:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class _Progress:
+    """A transient progress bar on an interactive terminal; nothing otherwise (CI, logs, FEDCAL_QUIET)."""
 
-    progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), transient=True)
-    progress.add_task(description, total=total, loss=float("nan"))
-    return progress
+    def __init__(self, total: int, description: str):
+        self.bar = None
+        if not sys.stderr.isatty() or os.environ.get("CI") or os.environ.get("FEDCAL_QUIET"):
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), transient=True)
+        self.bar.add_task(description, total=total, loss=float("nan"))
+
+    def __enter__(self) -> _Progress:
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar:
+            self.bar.stop()
+
+    def advance(self, loss: float) -> None:
+        if self.bar:
+            self.bar.update(self.bar.task_ids[0], advance=1, loss=loss)
+
+
+@dataclass
+class _Tally:
+    """Running sums of the objective's terms and the training accuracy over one round."""
+
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("loss",) + OBJECTIVE_TERMS, 0.0))
+    correct: int = 0
+    seen: int = 0
+    steps: int = 0
+
+    def add(self, out: StepLoss, y: torch.Tensor) -> None:
+        self.sums["loss"] += float(out.loss.detach())
+        for name, value in out.terms.items():
+            self.sums[name] += float(value.detach())
+        self.correct += int((out.logits.detach().argmax(dim=1) == y).sum())
+        self.seen += len(y)
+        self.steps += 1
+
+    def metrics(self) -> dict[str, float]:
+        per_step = max(self.steps, 1)
+        out = {"train-loss": self.sums["loss"] / per_step}
+        out.update({f"train-{name}": self.sums[name] / per_step for name in OBJECTIVE_TERMS})
+        out["train-accuracy"] = self.correct / max(self.seen, 1)
+        return out
+
+
+def _step_batches(inputs: SplitInputs, cfg: RunConfig, generator: torch.Generator, steps: int, min_batch: int, partition_id: int):
+    """Shuffled batches, epoch after epoch, until ``steps`` usable batches (of >= min_batch examples)."""
+    done = 0
+    while done < steps:
+        for x, y in inputs.batches(cfg.optim.batch_size, shuffle=True, generator=generator):
+            if len(y) < min_batch:
+                continue
+            yield x, y
+            done += 1
+            if done >= steps:
+                return
+        if done == 0:
+            raise ValueError(f"client {partition_id} produced no usable training batch ({len(inputs)} examples, batch size {cfg.optim.batch_size})")
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: dict[str, torch.nn.Parameter], cfg: RunConfig, where: str) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"local loss became {loss.item()} at {where}; lower optim.lr or enable optim.grad_clip")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.optim.grad_clip)
+    optimizer.step()
 
 
 def local_train(
@@ -187,132 +236,38 @@ def local_train(
     feddyn_grad: dict[str, torch.Tensor] | None = None,
 ) -> TrainOutcome:
     """Train ``method`` for one round on ``inputs``; returns the new trainable state and metrics."""
-    fl_config = fl_config or {}
-    lc = cfg.loss
-    n = len(inputs)
-    steps = steps_per_round(n, cfg)
+    steps = steps_per_round(len(inputs), cfg)
     total_steps = steps * cfg.fl.rounds
     seed = seeded(cfg.optim.seed, server_round, partition_id)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-
     params = dict(method.trainable_named_parameters())
     if not params:
         raise ValueError(f"method {method.name!r} has no trainable tensors; it cannot be trained (use it for evaluation only)")
     optimizer = build_optimizer(list(params.values()), cfg)
-    global_on_device = {k: v.to(device) for k, v in (global_state or {}).items()}
-    mu = float(fl_config.get("proximal-mu", 0.0))
-    dyn_alpha = float(fl_config.get("feddyn-alpha", 0.0))
-    if dyn_alpha > 0 and feddyn_grad is None:
-        feddyn_grad = {k: torch.zeros_like(v, device="cpu", dtype=torch.float32) for k, v in params.items()}
-    dyn_grad_dev = {k: v.to(device) for k, v in feddyn_grad.items()} if dyn_alpha > 0 else None
-
-    is_carot = lc.name == "carot"
-    if is_carot and teacher is None:
-        teacher = {k: v.detach().clone() for k, v in method.trainable_state().items()}
-    teacher_dev = {k: v.to(device) for k, v in teacher.items()} if is_carot else None
-    oc_param = getattr(method.clip.visual, "proj", None) if is_carot else None
-    oc_active = is_carot and lc.carot.oc_weight > 0 and isinstance(oc_param, torch.nn.Parameter) and oc_param.requires_grad
-
-    sums = {k: 0.0 for k in ("loss", "base", "penalty", "reg", "sd", "oc", "fl")}
-    correct = seen = 0
+    objective = Objective(method, cfg, device, params, total_steps=total_steps, global_state=global_state, fl_config=fl_config or {},
+                          carried=CarriedState(teacher, carot_step, feddyn_grad))
+    tally = _Tally()
     method.train()
-    progress = _progress(steps, f"round {server_round} client {partition_id}")
     t0 = time.time()
-    step = 0
-    try:
-        if progress:
-            progress.start()
-        while step < steps:
-            for x, y in inputs.batches(cfg.optim.batch_size, shuffle=True, generator=generator):
-                if len(y) < 2 and lc.name in ("flyp", "carot"):
-                    continue  # contrastive losses need at least two pairs (FedCLIP skips such batches too)
-                gstep = (server_round - 1) * steps + step
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.optim.lr * lr_factor(gstep, total_steps, cfg)
-                with autocast(cfg.model.precision, device):
-                    emb = inputs.embed(x)
-                    text = method.text_features()
-                    logits = method.logits_from_embeddings(emb, text).float()
-                    if lc.name in ("ce", "focal", "flsd53"):
-                        base = losses.classification_loss(lc.name, logits, y, label_smoothing=lc.label_smoothing, focal_gamma=lc.focal_gamma)
-                    else:
-                        img_f, txt_f, scale = method.pair_features(emb, y, text)
-                        base = losses.clip_contrastive_loss(img_f.float(), txt_f.float(), scale.float(), label_smoothing=lc.label_smoothing)
-                    sd = oc = torch.zeros((), device=device)
-                    if is_carot:
-                        if carot_step > 0:
-                            with torch.no_grad(), swapped_parameters(method, teacher_dev):
-                                t_img, t_txt, t_scale = method.pair_features(inputs.embed(x), y, method.compute_text_features())
-                                t_i2t, t_t2i = losses.clip_logits(t_img.float(), t_txt.float(), t_scale.float())
-                            s_i2t, s_t2i = losses.clip_logits(img_f.float(), txt_f.float(), scale.float())
-                            sd = losses.self_distillation_loss(s_i2t, s_t2i, t_i2t, t_t2i)
-                        if oc_active:
-                            oc = losses.orthogonality_loss(oc_param.float())
-                    penalty = losses.calibration_penalty(
-                        lc.penalty, logits, y,
-                        weight={"mbls": lc.mbls_weight, "dca": lc.dca_weight, "mdca": lc.mdca_weight, "mmce": lc.mmce_weight}.get(lc.penalty),
-                        margin=lc.mbls_margin,
-                    )
-                    reg = method.regularizer()
-                    fl_term = torch.zeros((), device=device)
-                    if mu > 0:
-                        fl_term = fl_term + losses.proximal_term(params, global_on_device, mu)
-                    if dyn_alpha > 0:
-                        fl_term = fl_term + losses.feddyn_terms(params, global_on_device, dyn_grad_dev, dyn_alpha)
-                    loss = base + penalty + reg + lc.carot.sd_weight * sd + lc.carot.oc_weight * oc + fl_term
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"local loss became {loss.item()} at round {server_round}, step {step}; lower optim.lr or enable optim.grad_clip")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.optim.grad_clip)
-                optimizer.step()
-                if is_carot:
-                    if carot_step % lc.carot.teacher_every == 0:
-                        m = losses.carot_momentum(carot_step, total_steps, start=lc.carot.momentum_start, end=lc.carot.momentum_end, ramp_fraction=lc.carot.ramp_fraction)
-                        losses.ema_update_(teacher_dev, {k: p.detach() for k, p in params.items()}, m)
-                    carot_step += 1
-                for key, value in (("loss", loss), ("base", base), ("penalty", penalty), ("reg", reg), ("sd", sd), ("oc", oc), ("fl", fl_term)):
-                    sums[key] += float(value.detach())
-                correct += int((logits.detach().argmax(dim=1) == y).sum())
-                seen += len(y)
-                step += 1
-                if progress:
-                    progress.update(progress.task_ids[0], advance=1, loss=float(loss.detach()))
-                if step >= steps:
-                    break
-            else:
-                if seen == 0:
-                    raise ValueError(f"client {partition_id} produced no usable training batch ({n} examples, batch size {cfg.optim.batch_size})")
-    finally:
-        if progress:
-            progress.stop()
+    with _Progress(steps, f"round {server_round} client {partition_id}") as progress:
+        for x, y in _step_batches(inputs, cfg, generator, steps, objective.min_batch, partition_id):
+            gstep = (server_round - 1) * steps + tally.steps
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.optim.lr * lr_factor(gstep, total_steps, cfg)
+            with autocast(cfg.model.precision, device):
+                out = objective(inputs, x, y)
+            _optimizer_step(optimizer, out.loss, params, cfg, f"round {server_round}, step {tally.steps}")
+            objective.after_step()
+            tally.add(out, y)
+            progress.advance(float(out.loss.detach()))
     method.eval()
     state = method.trainable_state()
-    metrics: dict[str, float | int] = {
-        "num-examples": int(n),
-        "local-steps": int(step),
-        "train-seconds": float(time.time() - t0),
-        "train-loss": sums["loss"] / max(step, 1),
-        "train-base-loss": sums["base"] / max(step, 1),
-        "train-penalty": sums["penalty"] / max(step, 1),
-        "train-regularizer": sums["reg"] / max(step, 1),
-        "train-self-distillation": sums["sd"] / max(step, 1),
-        "train-orthogonality": sums["oc"] / max(step, 1),
-        "train-client-term": sums["fl"] / max(step, 1),
-        "train-accuracy": correct / max(seen, 1),
-        "lr": float(optimizer.param_groups[0]["lr"]),
-        "fednova-a": fednova_normaliser(step, cfg),
-    }
-    outcome = TrainOutcome(state, metrics, carot_step=carot_step)
-    if is_carot:
-        outcome.teacher = {k: v.detach().to("cpu", torch.float32) for k, v in teacher_dev.items()}
-    if dyn_alpha > 0:
-        outcome.feddyn_grad = losses.feddyn_update_grad_state(
-            feddyn_grad, {k: v.cpu() for k, v in state.items()}, {k: v.cpu() for k, v in global_state.items()}, dyn_alpha
-        )
-    return outcome
+    metrics: dict[str, float | int] = {"num-examples": int(len(inputs)), "local-steps": int(tally.steps), "train-seconds": float(time.time() - t0)}
+    metrics.update(tally.metrics())
+    metrics.update({"lr": float(optimizer.param_groups[0]["lr"]), "fednova-a": fednova_normaliser(tally.steps, cfg)})
+    carried = objective.carried(state)
+    return TrainOutcome(state, metrics, teacher=carried.teacher, carot_step=carried.carot_step, feddyn_grad=carried.feddyn_grad)
 
 
 # --------------------------------------------------------------------------------------------

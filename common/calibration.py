@@ -197,35 +197,56 @@ class CalibrationStats:
         <= count * hi`` for the bin's edges ``(lo, hi]`` and ``0 <= correct <= count``; every
         class column binned once per sample, one label per sample; NLL >= 0, 0 <= Brier <= 2N.
         """
-        fields_ = {name: getattr(self, name) for name in _ARRAY_FIELDS}
-        for name, arr in fields_.items():
+        for check in (self._array_problem, self._bin_problem, self._classwise_problem, self._scalar_problem):
+            problem = check(tol)
+            if problem:
+                return problem
+        return None
+
+    def _array_problem(self, tol: float) -> str | None:
+        for name in _ARRAY_FIELDS:
+            arr = getattr(self, name)
             if not np.isfinite(arr).all():
                 return f"{name} is not finite"
             if (arr < 0).any():
                 return f"{name} has a negative entry"
             if name in _INT_ARRAYS and not np.array_equal(arr, np.round(arr)):
                 return f"{name} has a non-integral count"
+        return None
+
+    def _edges(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.arange(self.n_bins) / self.n_bins, np.arange(1, self.n_bins + 1) / self.n_bins
+
+    def _bin_problem(self, tol: float) -> str | None:
         n = self.total
         if not (0 <= self.correct <= n):
             return f"correct={self.correct} outside [0, total={n}]"
         if self.bin_count.sum() != n or self.bin_correct_sum.sum() != self.correct:
             return f"bin counts sum to {self.bin_count.sum():g} (correct {self.bin_correct_sum.sum():g}), totals say {n} ({self.correct})"
-        lo, hi = np.arange(self.n_bins) / self.n_bins, np.arange(1, self.n_bins + 1) / self.n_bins
+        lo, hi = self._edges()
         slack = tol * (1.0 + self.bin_count)
         if (self.bin_correct_sum > self.bin_count).any():
             return "a bin has more correct predictions than predictions"
         if (self.bin_conf_sum < self.bin_count * lo - slack).any() or (self.bin_conf_sum > self.bin_count * hi + slack).any():
             return "a bin's confidence sum lies outside its bin's edges"
+        return None
+
+    def _classwise_problem(self, tol: float) -> str | None:
+        n = self.total
         if (self.cw_count.sum(axis=1) != n).any() or self.cw_label_sum.sum() != n:
             return "classwise counts do not bin every sample once per class with one label each"
         if (self.cw_label_sum > self.cw_count).any():
             return "a classwise bin has more labels than samples"
+        lo, hi = self._edges()
         cw_slack = tol * (1.0 + self.cw_count)
         if (self.cw_prob_sum < self.cw_count * lo - cw_slack).any() or (self.cw_prob_sum > self.cw_count * hi + cw_slack).any():
             return "a classwise probability sum lies outside its bin's edges"
+        return None
+
+    def _scalar_problem(self, tol: float) -> str | None:
         if not (math.isfinite(self.nll_sum) and self.nll_sum >= -tol):
             return f"nll_sum={self.nll_sum!r} is not a finite non-negative sum"
-        if not (math.isfinite(self.brier_sum) and -tol <= self.brier_sum <= 2 * n + tol):
+        if not (math.isfinite(self.brier_sum) and -tol <= self.brier_sum <= 2 * self.total + tol):
             return f"brier_sum={self.brier_sum!r} outside [0, 2 * total]"
         return None
 

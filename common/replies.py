@@ -8,13 +8,13 @@ key is a rejected reply, never a crash or a silently overwritten record field.
 from __future__ import annotations
 
 from common.calibration import CalibrationStats
+from common.names import OBJECTIVE_TERMS
 
 # a training reply's MetricRecord "metrics": exactly these keys, every value a finite number
 TRAIN_METRIC_KEYS = frozenset({
-    "num-examples", "local-steps", "train-seconds", "train-loss", "train-base-loss", "train-penalty",
-    "train-regularizer", "train-self-distillation", "train-orthogonality", "train-client-term",
-    "train-accuracy", "lr", "fednova-a", "uniform-weight", "update-norm", "server-round",
-})
+    "num-examples", "local-steps", "train-seconds", "train-loss", "train-accuracy", "lr", "fednova-a",
+    "uniform-weight", "update-norm", "server-round",
+} | {f"train-{term}" for term in OBJECTIVE_TERMS})
 # the integral ones among them
 TRAIN_INT_KEYS = frozenset({"num-examples", "local-steps", "uniform-weight", "server-round"})
 

@@ -255,13 +255,7 @@ def run_cmd(
     from common import config
     from deploy.preflight import check_run
 
-    if preset and "=" in preset and not preset.endswith(".toml"):
-        overrides, preset = [preset, *(overrides or [])], None
-    flat = config.parse_overrides(_preset_path(preset)) if preset else {}
-    for item in overrides or []:
-        flat.update(config.parse_overrides(item))
-    if not connection:  # the local simulation runs with this shell's environment and folders
-        flat = resolve_paths({**{k: v for k, v in config.from_flat(flat).flat().items() if k in RESOLVED}, **flat})
+    flat = _run_flat(preset, overrides, local=not connection)
     cfg = config.from_flat(flat)
     run_dir = _resolve_run_folder(flat, cfg, local=not connection)
     from common.runlock import holder
@@ -270,12 +264,7 @@ def run_cmd(
     if busy:
         raise config.ConfigError(f"run folder {run_dir} is in use by {busy}: stop that run first, or wait for it to end")
     clients = None if dry_run or connection else check_run(cfg)
-    asked = re.search(r"num-supernodes=(\d+)", federation_config or "")
-    if asked and clients and int(asked.group(1)) != clients:
-        raise config.ConfigError(f"--federation-config asks for {asked.group(1)} SuperNodes but {cfg.data.partitioner!r} partitioning "
-                                 f"defines {clients} clients: drop num-supernodes (fedcal sizes it) or change data.clients_per_domain")
-    if not federation_config and not connection:
-        federation_config = f"num-supernodes={clients or cfg.fl.min_available_nodes}"
+    federation_config = _federation_config(federation_config, clients, cfg, local=not connection)
     if verbose:
         flat["output.verbose"] = True
     handle, path = tempfile.mkstemp(prefix="fedcal-run-", suffix=".toml")
@@ -297,6 +286,34 @@ def run_cmd(
     finally:
         os.unlink(path)
     raise typer.Exit(code)
+
+
+def _run_flat(preset: str | None, overrides: list[str] | None, *, local: bool) -> dict:
+    """The flat run config: the preset (a `key=value` in its place is an override), then the
+    overrides; for a local simulation, relative paths resolved against this shell's folder."""
+    from common import config
+
+    if preset and "=" in preset and not preset.endswith(".toml"):
+        overrides, preset = [preset, *(overrides or [])], None
+    flat = config.parse_overrides(_preset_path(preset)) if preset else {}
+    for item in overrides or []:
+        flat.update(config.parse_overrides(item))
+    if local:  # the local simulation runs with this shell's environment and folders
+        flat = resolve_paths({**{k: v for k, v in config.from_flat(flat).flat().items() if k in RESOLVED}, **flat})
+    return flat
+
+
+def _federation_config(given: str, clients: int | None, cfg, *, local: bool) -> str:
+    """--federation-config for flwr run: a simulation gets one SuperNode per client."""
+    from common import config
+
+    asked = re.search(r"num-supernodes=(\d+)", given or "")
+    if asked and clients and int(asked.group(1)) != clients:
+        raise config.ConfigError(f"--federation-config asks for {asked.group(1)} SuperNodes but {cfg.data.partitioner!r} partitioning "
+                                 f"defines {clients} clients: drop num-supernodes (fedcal sizes it) or change data.clients_per_domain")
+    if not given and local:
+        return f"num-supernodes={clients or cfg.fl.min_available_nodes}"
+    return given
 
 
 RESOLVED = ("data.path", "output.dir", "output.resume", "model.pretrained", "model.cache_dir", "data.cache_dir")  # paths

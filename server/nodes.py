@@ -84,14 +84,25 @@ class NodeRegistry:
         a node that answers with an error has failed to join. Neither ends the federation. Each
         outcome goes to the ``ledger`` when one is given.
         """
-        from .validation import Rejection, check_identity
-
         ids = sorted(grid.get_node_ids()) if node_ids is None else sorted(node_ids)
         new = [n for n in ids if n not in self.info and n not in self.failed]
         if not new:
             return []
         messages = [Message(RecordDict({"config": ConfigRecord({"action": "info"})}), dst_node_id=n, message_type="query") for n in new]
         replies = list(grid.send_and_receive(messages, timeout=self.info_timeout))
+        candidates = self._screen_identities(replies, messages, new, ledger, rnd)
+        added = self._accept(candidates, ledger, rnd)
+        for node in set(new) - set(candidates) - set(self.failed):
+            log.warning("node %d did not answer the info query within %.0fs; it will be asked again", node, self.info_timeout)
+        for info in sorted(added, key=lambda i: i.partition_id):
+            log.info("node %d: partition %d/%d, domain %s, %s, train/val/test %d/%d/%d", info.node_id, info.partition_id,
+                     info.num_partitions, info.domain, info.role, info.sizes["train"], info.sizes["val"], info.sizes["test"])
+        return added
+
+    def _screen_identities(self, replies, messages, new, ledger, rnd: int) -> dict[int, dict]:
+        """The well-formed identities among the replies (one per asked node); the rest refused."""
+        from .validation import Rejection, check_identity
+
         candidates: dict[int, dict] = {}
         for msg in replies:
             node = reply_source(msg, messages)
@@ -104,6 +115,10 @@ class NodeRegistry:
                 candidates[node] = check_identity(msg)
             except Rejection as rej:
                 self._refuse(ledger, rnd, node, "rejected", rej.reason, rej.detail)
+        return candidates
+
+    def _accept(self, candidates: dict[int, dict], ledger, rnd: int) -> list[NodeInfo]:
+        """Register the identities that agree with the federation; refuse the conflicting ones."""
         added = []
         reference = self._reference_classes(candidates.values())
         for node in sorted(candidates):
@@ -117,11 +132,6 @@ class NodeRegistry:
             added.append(info)
             if ledger is not None:
                 ledger.note("joined", rnd, "join", self.ident(node), fields={"sizes": info.sizes})
-        for node in set(new) - set(candidates) - set(self.failed):
-            log.warning("node %d did not answer the info query within %.0fs; it will be asked again", node, self.info_timeout)
-        for info in sorted(added, key=lambda i: i.partition_id):
-            log.info("node %d: partition %d/%d, domain %s, %s, train/val/test %d/%d/%d", info.node_id, info.partition_id,
-                     info.num_partitions, info.domain, info.role, info.sizes["train"], info.sizes["val"], info.sizes["test"])
         return added
 
     def _refuse(self, ledger, rnd: int, node: int, outcome: str, reason: str | None, detail: str) -> None:

@@ -219,6 +219,11 @@ def test_mmce_two_sample_hand_value(dtype):
         1e-5,
     )
     grad_of(lambda x: L.mmce_penalty(x, lab(EX_LABELS)), t(EX_LOGITS, dtype))
+    # the reference code's form is MMCE^2 itself
+    close(L.mmce_penalty(t(EX_LOGITS, dtype), lab(EX_LABELS), form="reference"), mmce2, 1e-6)
+    close(L.calibration_penalty("mmce", t(EX_LOGITS, dtype), lab(EX_LABELS), weight=3.0, mmce_form="reference"), 3.0 * mmce2, 1e-6)
+    with pytest.raises(ValueError, match="MMCE form"):
+        L.mmce_penalty(t(EX_LOGITS, dtype), lab(EX_LABELS), form="squared")
 
 
 def test_mmce_limit_all_correct_confident():
@@ -537,3 +542,12 @@ def test_feddyn_update_grad_state():
     # zero initial state and w == w_global -> state stays zero, terms are zero
     z = {"w": torch.zeros(2, dtype=torch.float64)}
     assert float(L.feddyn_terms({"w": wg}, {"w": wg}, z, 0.1)) == 0.0
+
+
+def test_cross_projection_is_the_frobenius_norm_of_the_product():
+    g = torch.Generator().manual_seed(0)
+    wv, wt = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    expected = math.sqrt(sum(float(wv[i] @ wt[j]) ** 2 for i in range(6) for j in range(5)))
+    close(L.cross_projection_loss(wv, wt), expected, 1e-12)
+    with pytest.raises(ValueError, match="embedding size"):
+        L.cross_projection_loss(wv, torch.randn(5, 3, dtype=torch.float64))
