@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .names import AGGREGATORS, BASE_LOSSES, METHODS, MMCE_FORMS, PENALTIES
+
 
 class ConfigError(ValueError):
     """A user-caused configuration problem; ``str(err)`` is one line that says what to fix."""
@@ -98,8 +100,18 @@ class PromptConfig(_Section):
     kg_weight: float = Field(8.0, ge=0, description="KgCoOp lambda on ||t_learned - t_handcrafted||^2.")
 
 
+class MapleConfig(_Section):
+    n_ctx: int = Field(2, ge=1, le=16, description="MaPLe context length (learnable tokens per prompt), official default 2.")
+    ctx_init: str = Field("a photo of a", description="MaPLe: the prompt phrase; its first n_ctx token embeddings initialise the first-layer context (official default); empty: N(0, 0.02).")
+    depth: int = Field(9, ge=1, le=48, description="MaPLe prompt depth J: prompts enter the first J transformer blocks of both encoders (official default 9).")
+
+
+class PeftConfig(_Section):
+    encoder: Literal["vision", "text", "both"] = Field("both", description="Which CLIP encoder(s) the layernorm and bitfit methods tune.")
+
+
 class MethodConfig(_Section):
-    name: Literal["zeroshot", "lora", "adapter", "coop", "kgcoop", "linear", "full"] = Field("lora", description="What each client trains (see README 'Methods').")
+    name: Literal[METHODS] = Field("lora", description="What each client trains (see README 'Methods').")  # type: ignore[valid-type]
     template: str = Field("a photo of a {}.", description="Prompt template; {} is replaced by the class name.")
     templates: Literal["single", "openai-imagenet", "simple-imagenet"] = Field("single", description="single = method.template; or open_clip's ImageNet template ensembles (zero-shot heads only).")
     logit_scale: float = Field(0.0, ge=0, description="Fixed logit scale; 0 = CLIP's own learned scale exp(logit_scale).")
@@ -107,6 +119,8 @@ class MethodConfig(_Section):
     adapter_init: Literal["zero", "pytorch"] = Field("zero", description="FedCLIP adapter init: zero = last layer zero, so round 0 is exactly zero-shot; pytorch = FedCLIP's default init.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
+    maple: MapleConfig = Field(default_factory=MapleConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
 
 
 class CarotConfig(_Section):
@@ -116,18 +130,20 @@ class CarotConfig(_Section):
     momentum_end: float = Field(0.9, ge=0, le=1, description="Teacher EMA momentum after the ramp.")
     ramp_fraction: float = Field(0.2, ge=0, le=1, description="Fraction of all local steps (over all rounds) over which the momentum ramps linearly.")
     teacher_every: int = Field(500, ge=1, description="Refresh the teacher every N local steps of a client (counted across rounds).")
+    cross_weight: float = Field(0.0, ge=0, description="Weight of ||visual.proj text_projection^T||_F (CaRot's official --cross_fnorm 0.05; not in the paper); only when visual.proj is trainable.")
 
 
 class LossConfig(_Section):
-    name: Literal["ce", "focal", "flsd53", "flyp", "carot"] = Field("ce", description="Base loss: cross-entropy, focal, focal with FLSD-53 gamma, FLYP contrastive, or CaRot.")
+    name: Literal[BASE_LOSSES] = Field("ce", description="Base loss: cross-entropy, focal, focal with FLSD-53 gamma, FLYP contrastive, or CaRot.")  # type: ignore[valid-type]
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing epsilon (ce, flyp, carot).")
     focal_gamma: float = Field(3.0, ge=0, description="Focal loss gamma.")
-    penalty: Literal["none", "mbls", "dca", "mdca", "mmce"] = Field("none", description="Auxiliary calibration penalty added to the base loss.")
+    penalty: Literal[PENALTIES] = Field("none", description="Auxiliary calibration penalty added to the base loss.")  # type: ignore[valid-type]
     mbls_margin: float = Field(10.0, ge=0, description="MbLS margin m.")
     mbls_weight: float = Field(0.1, ge=0, description="MbLS lambda.")
     dca_weight: float = Field(1.0, ge=0, description="DCA beta.")
     mdca_weight: float = Field(1.0, ge=0, description="MDCA beta.")
     mmce_weight: float = Field(2.0, ge=0, description="MMCE lambda.")
+    mmce_form: Literal[MMCE_FORMS] = Field("paper", description="MMCE as the paper writes it, sqrt(MMCE^2 + 1e-10), or as the widely used reference code returns it, MMCE^2 (published weights of one do not carry over to the other).")  # type: ignore[valid-type]
     carot: CarotConfig = Field(default_factory=CarotConfig)
 
 
@@ -188,10 +204,6 @@ class DataConfig(_Section):
         return [d.strip() for d in self.heldout_domains.split(",") if d.strip()]
 
 
-AGGREGATORS = (
-    "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
-    "fedmedian", "fedtrimmedavg", "krum", "feddyn", "fednova",
-)
 
 
 class FLConfig(_Section):

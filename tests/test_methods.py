@@ -48,7 +48,7 @@ def test_zeroshot_logits_are_clip_logits(tiny_clip, images):
     assert zs.num_trainable() == 0
 
 
-@pytest.mark.parametrize("name", ["lora", "adapter", "linear", "full"])
+@pytest.mark.parametrize("name", ["lora", "adapter", "linear", "full", "layernorm", "bitfit"])
 def test_initialisation_is_exactly_zero_shot(tiny_clip, images, name):
     with torch.no_grad():
         zs = method(tiny_clip, "zeroshot")(images)
@@ -178,7 +178,14 @@ def test_full_wise_interpolates_weights(tiny_clip, images):
     assert all(torch.allclose(mid[k], zs[k] * 1.005, atol=1e-6) for k in zs)
 
 
-@pytest.mark.parametrize("arch, name, expected", [("ViT-B-16", "lora", 184_320), ("ViT-B-32", "adapter", 525_312)])
+MAPLE_B16 = 2 * 512 + 8 * 2 * 512 + 9 * (512 * 768 + 768)  # ctx + deeper text prompts + 9 couplings (official: 3.55M)
+LAYERNORM_B16 = 2 * (768 * (2 * 12 + 2) + 512 * (2 * 12 + 1))  # gain + bias of ln_1/ln_2 per block, ln_pre/ln_post, ln_final
+BITFIT_B16 = (12 * (7 * 768 + 4 * 768) + 2 * 768) + (12 * (7 * 512 + 4 * 512) + 512)  # per block: ln_1, q, k, v, out, ln_2, c_proj + c_fc (4x)
+
+
+@pytest.mark.parametrize("arch, name, expected", [("ViT-B-16", "lora", 184_320), ("ViT-B-32", "adapter", 525_312),
+                                                  ("ViT-B-16", "maple", MAPLE_B16), ("ViT-B-16", "layernorm", LAYERNORM_B16),
+                                                  ("ViT-B-16", "bitfit", BITFIT_B16)])
 def test_parameter_counts_of_real_architectures(arch, name, expected):
     cfg = config.load(None, model__name=arch, model__pretrained="", method__name=name)
     m = build_method(cfg, load_clip(arch, None), CLASSES)
@@ -202,4 +209,77 @@ def test_describe_json(monkeypatch):
 
 
 def test_all_methods_are_registered():
-    assert set(METHODS) == {"zeroshot", "lora", "adapter", "coop", "kgcoop", "linear", "full"}
+    from common.names import METHODS as NAMES
+
+    assert tuple(METHODS) == NAMES
+    assert set(METHODS) >= {"zeroshot", "lora", "adapter", "coop", "kgcoop", "maple", "layernorm", "bitfit", "linear", "full"}
+
+
+def _selected(m, encoder_prefix=None):
+    names = [n.removeprefix("clip.") for n, _ in m.trainable_named_parameters()]
+    return names if encoder_prefix is None else [n for n in names if n.startswith(encoder_prefix)]
+
+
+def test_layernorm_and_bitfit_select_exactly_their_tensors(tiny_clip):
+    clip = tiny_clip().model
+    lns = [n for n, mod in clip.named_modules() if isinstance(mod, torch.nn.LayerNorm)]
+    ln = method(tiny_clip, "layernorm")
+    assert sorted(_selected(ln)) == sorted([f"{n}.{leaf}" for n in lns for leaf in ("weight", "bias")])
+    vision_only = method(tiny_clip, "layernorm", method__peft__encoder="vision")
+    assert vision_only.image_tower_frozen is False and vision_only.text_tower_trainable is False
+    assert _selected(vision_only) == _selected(vision_only, "visual.") and len(_selected(vision_only)) == 2 * sum(n.startswith("visual.") for n in lns)
+    bf = method(tiny_clip, "bitfit", method__peft__encoder="text")
+    assert bf.image_tower_frozen is True
+    # every bias of the text tower: LayerNorms, the split q/k/v/out projections, both MLP layers
+    split = tiny_clip().model
+    split_attention(split)
+    expected = [n for n, _ in split.named_parameters() if n.endswith("bias") and not n.startswith("visual.")]
+    assert sorted(_selected(bf)) == sorted(expected) and expected
+
+
+@pytest.mark.parametrize("name", ["layernorm", "bitfit"])
+def test_norm_and_bias_tuning_wise_interpolates(tiny_clip, images, name):
+    m = method(tiny_clip, name)
+    zs = m.trainable_state()
+    m.load_trainable_state({k: v + 0.1 for k, v in zs.items()})
+    with m.wise(0.25):
+        assert all(torch.allclose(m.trainable_state()[k], zs[k] + 0.025, atol=1e-6) for k in zs)
+    with torch.no_grad(), m.wise(0.0):
+        assert torch.allclose(m(images), method(tiny_clip, "zeroshot")(images), atol=1e-5)
+
+
+def test_maple_follows_its_definition(tiny_clip, images):
+    from common.methods.maple import Maple
+
+    m = method(tiny_clip, "maple", method__maple__depth=2)
+    # tiny CLIP: text width 64, vision width 64, 2 blocks; official n_ctx 2, ctx from "a photo of a"
+    assert m.num_trainable() == 2 * 64 + 1 * 2 * 64 + 2 * (64 * 64 + 64)
+    ref = tiny_clip()
+    with torch.no_grad():
+        # the first-layer context is the token embeddings of "a photo" (official initialisation)
+        phrase = ref.tokenizer(["a photo of a"])
+        assert torch.equal(m.ctx, ref.model.token_embedding(phrase)[0, 1:3])
+        # with no vision prompt the re-implemented image path is open_clip's encode_image
+        bare = method(tiny_clip, "maple", method__maple__depth=1)
+        bare.vision_prompts = lambda: [torch.zeros(0, 64)]
+        plain = Maple.encode_image(bare, images)
+    split = tiny_clip().model
+    split_attention(split)
+    with torch.no_grad():
+        assert torch.allclose(plain, split.encode_image(images), atol=1e-5)
+    # depth 1: the text side is exactly the hand-crafted prompt "a photo of a {}."
+    shallow = method(tiny_clip, "maple", method__maple__depth=1)
+    with torch.no_grad():
+        assert torch.allclose(shallow.compute_text_features(), zero_shot_classifier(ref.model, ref.tokenizer, CLASSES, ["a photo of a {}."]), atol=1e-6)
+    # deeper prompts act: changing one deep text prompt changes text and image features
+    deep = method(tiny_clip, "maple", method__maple__depth=2)
+    with torch.no_grad():
+        t0, i0 = deep.compute_text_features(), deep.image_embeddings(images)
+        deep.compound_text[0].add_(0.5)
+        assert not torch.allclose(deep.compute_text_features(), t0) and not torch.allclose(deep.image_embeddings(images), i0)
+    # it trains: gradients reach every trainable tensor
+    logits = deep(images)
+    logits.logsumexp(1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in deep.trainable_named_parameters())
+    with pytest.raises(config.ConfigError, match="depth"):
+        method(tiny_clip, "maple", method__maple__depth=3)

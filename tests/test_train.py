@@ -18,7 +18,7 @@ from client.train import (
 from common import config
 from common.calibration import CalibrationStats
 
-METHODS = ["lora", "adapter", "coop", "kgcoop", "linear", "full"]
+METHODS = ["lora", "adapter", "coop", "kgcoop", "maple", "layernorm", "bitfit", "linear", "full"]
 LOSSES = ["ce", "focal", "flsd53", "flyp", "carot"]
 
 
@@ -26,7 +26,7 @@ def runtime(pacs_dir, tmp_path, **overrides):
     base = dict(
         model__name="fedcal-tiny", model__pretrained="", data__path=str(pacs_dir), data__partitioner="iid",
         data__max_per_client=48, data__cache_dir=str(tmp_path / "cache"), optim__name="adam", optim__lr=1e-2,
-        optim__local_steps=2, optim__batch_size=16, method__prompt__n_ctx=4,
+        optim__local_steps=2, optim__batch_size=16, method__prompt__n_ctx=4, method__maple__depth=2,
     )
     base.update(overrides)
     cfg = config.load(None, **base)
@@ -56,6 +56,35 @@ def test_calibration_penalties_compose(pacs_dir, tmp_path, penalty):
     assert math.isfinite(out.metrics["train-loss"])
     assert out.metrics["train-loss"] == pytest.approx(
         out.metrics["train-base-loss"] + out.metrics["train-penalty"] + out.metrics["train-client-term"], rel=1e-5)
+
+
+def test_objective_sums_its_weighted_terms_carot_official(pacs_dir, tmp_path):
+    """CaRot as its official script runs it: full FT, lambda_SD 1.5, lambda_OC 0.2, 0.05 ||W_v W_t^T||_F."""
+    from client.losses import cross_projection_loss, orthogonality_loss
+    from client.objective import CarriedState, Objective
+
+    rt = runtime(pacs_dir, tmp_path, method__name="full", loss__name="carot", loss__carot__sd_weight=1.5, loss__carot__cross_weight=0.05,
+                 loss__carot__teacher_every=1, optim__lr=1e-4)
+    params = dict(rt.method.trainable_named_parameters())
+    teacher = {k: v + 0.01 for k, v in rt.method.trainable_state().items()}
+    objective = Objective(rt.method, rt.cfg, rt.device, params, total_steps=4, global_state=None, fl_config={},
+                          carried=CarriedState(teacher, 3, None))
+    inputs = rt.inputs("train")
+    x, y = next(inputs.batches(8))
+    rt.method.train()
+    out = objective(inputs, x, y)
+    t = out.terms
+    visual, text = rt.method.clip.visual.proj, rt.method.clip.text_projection
+    assert t["orthogonality"].item() == pytest.approx(orthogonality_loss(visual.detach()).item(), rel=1e-6)
+    assert t["cross"].item() == pytest.approx(cross_projection_loss(visual.detach(), text.detach()).item(), rel=1e-6) and t["cross"].item() > 0
+    assert t["self-distillation"].item() > 0
+    expected = t["base-loss"] + t["penalty"] + t["regularizer"] + 1.5 * t["self-distillation"] + 0.2 * t["orthogonality"] + 0.05 * t["cross"] + t["client-term"]
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    # LoRA keeps visual.proj frozen: the projection terms are off, whatever their weights
+    lora = runtime(pacs_dir, tmp_path, method__name="lora", loss__name="carot", loss__carot__cross_weight=0.05)
+    off = Objective(lora.method, lora.cfg, lora.device, dict(lora.method.trainable_named_parameters()), total_steps=4,
+                    global_state=None, fl_config={}, carried=CarriedState())
+    assert off.weights["orthogonality"] == 0 and off.weights["cross"] == 0
 
 
 def full_batch_loss(rt, inputs) -> float:

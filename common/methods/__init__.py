@@ -7,6 +7,9 @@
 | adapter   | attention adapter on the image embedding | FedCLIP                     |
 | coop      | shared context vectors of the prompts    | CoOp                        |
 | kgcoop    | CoOp + knowledge-guided regulariser      | KgCoOp                      |
+| maple     | deep coupled text and vision prompts     | MaPLe                       |
+| layernorm | LayerNorm gains and biases               | FL²oRA's PEFT ablation      |
+| bitfit    | every bias                               | BitFit (FL²oRA's ablation)  |
 | linear    | zero-shot-initialised linear head        | linear probe / LP           |
 | full      | every CLIP weight                        | full fine-tuning (FedAvg)   |
 """
@@ -18,18 +21,23 @@ from typing import Any
 import torch
 
 from ..model import LoadedClip, templates_for
+from ..names import METHODS as METHOD_NAMES
 from .adapter import Adapter
 from .attention import split_attention
 from .base import ClipMethod, StateError
 from .full import FullFinetune
 from .linear import LinearHead
 from .lora import Lora
+from .maple import Maple
 from .prompt import CoOp, KgCoOp
+from .tuning import BitFit, LayerNormTuning
 from .zeroshot import ZeroShot
 
 METHODS: dict[str, type[ClipMethod]] = {
-    cls.name: cls for cls in (ZeroShot, Lora, Adapter, CoOp, KgCoOp, LinearHead, FullFinetune)
+    cls.name: cls for cls in (ZeroShot, Lora, Adapter, CoOp, KgCoOp, Maple, LayerNormTuning, BitFit, LinearHead, FullFinetune)
 }
+if tuple(METHODS) != METHOD_NAMES:  # the names a config may give are declared once, in common/names.py
+    raise ImportError(f"method registry {tuple(METHODS)} differs from common.names.METHODS {METHOD_NAMES}")
 
 __all__ = ["METHODS", "ClipMethod", "StateError", "build_method", "split_attention"]
 
