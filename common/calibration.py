@@ -283,6 +283,14 @@ class CalibrationStats:
             return math.nan
         return float(np.max(np.abs(self._gaps()[self.bin_count > 0])))
 
+    def mce_count_weighted(self) -> float:
+        """FL²oRA's MCE: ``max_b |acc_b - conf_b| * n_b / N`` (each bin's gap weighted by its
+        share of the samples, unlike :meth:`mce`); nan when empty."""
+        if self.total == 0:
+            return math.nan
+        mask = self.bin_count > 0
+        return float(np.max(np.abs(self._gaps()[mask]) * self.bin_count[mask] / self.total))
+
     def classwise_ece(self) -> float:
         """Mean over classes of the per-class ECE of ``p_ik`` vs ``1[y_i = k]``; nan when empty."""
         if self.total == 0:

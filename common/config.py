@@ -259,6 +259,7 @@ class OutputConfig(_Section):
     run_name: str = Field("", description="Run folder name; empty = <method>-<aggregator>-<UTC timestamp>.")
     resume: str = Field("", description="Resume from a run folder or its checkpoint folder (the run continues in that folder).")
     keep_round_checkpoints: bool = Field(False, description="Keep one checkpoint per round besides 'latest'.")
+    paper_last_k: int = Field(5, ge=1, description="Rounds averaged for the papers' last-rounds convention in summary.json / summary.md (FL²oRA prints the mean over the last 5).")
     verbose: bool = Field(False, description="Keep Flower's own per-round log lines (sampling, metric dumps) beside fedcal's one line per round (`fedcal run --verbose`).")
 
 

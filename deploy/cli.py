@@ -210,15 +210,26 @@ def train_local(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run folder (output.dir/<run-name>).")]) -> None:
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (output.dir/<run-name>).")],
+    paper: Annotated[str, typer.Option("--paper", help="Also print a table laid out like this paper's: fl2ora, fedclip or carot.")] = "",
+    last_k: Annotated[int, typer.Option("--last-k", min=0, help="Rounds averaged for the last-k convention (0: the run's output.paper_last_k).")] = 0,
+) -> None:
     """Rebuild summary.json, summary.md and the reliability diagrams of a (finished or interrupted) run."""
+    from server.paper import PAPERS, table
+    from server.records import read_records
     from server.report import build
 
     if not (run_dir / "metrics.jsonl").is_file():
         typer.secho(f"error: {run_dir} is not a fedcal run folder (no metrics.jsonl)", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    summary = build(run_dir)
-    typer.echo(f"{run_dir}: summary of round {summary.get('final_round')} written (summary.md, summary.json, diagrams/)")
+    if paper and paper not in PAPERS:
+        typer.secho(f"error: --paper {paper!r} is not one of {', '.join(PAPERS)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    summary = build(run_dir, last_k=last_k or None)
+    typer.echo(f"{run_dir}: summary of round {summary.get('final_round')} written (summary.md, summary.json, diagrams/)", err=bool(paper))
+    if paper:
+        typer.echo(table(read_records(run_dir), paper, summary["paper_last_k"]))
 
 
 @app.command()

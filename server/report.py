@@ -11,14 +11,35 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from common.calibration import CalibrationStats
 
-from . import figures
+from . import figures, paper
 from .ledger import totals_from_rows
 from .records import read_records
 
 ROUND_COLUMNS = ["round", "split", "ts", "kind", "group", "partition", "domain", "role", "clients", "n", "accuracy", "ece", "ece10",
-                 "adaptive_ece", "mce", "classwise_ece", "nll", "brier", "temperature", "bytes_sent", "bytes_received"]
+                 "adaptive_ece", "mce", "classwise_ece", "nll", "brier", "temperature", "bytes_sent", "bytes_received",
+                 "accuracy_std", "ece_std", "ece10_std"]
+# kind "client-mean": the papers' convention, each figure averaged over the clients without weights (std beside)
+MEAN_COLUMNS = ("accuracy", "ece", "ece10", "adaptive_ece", "mce", "classwise_ece", "nll", "brier")
+
+
+def client_mean_rows(records: list[dict]) -> list[dict]:
+    """Per round, split and TS setting: the unweighted mean (and population std) over clients."""
+    clients = [r for r in records if r["kind"] == "client"]
+    out = []
+    for rnd, split, ts in sorted({(r["round"], r["split"], r["ts"]) for r in clients}):
+        members = [r for r in clients if (r["round"], r["split"], r["ts"]) == (rnd, split, ts)]
+        row: dict[str, Any] = {k: None for k in ROUND_COLUMNS}
+        row.update(round=rnd, split=split, ts=ts, kind="client-mean", group="client-mean", clients=len(members), n=sum(r["n"] for r in members))
+        for key in MEAN_COLUMNS:
+            vals = [r[key] for r in members if r.get(key) is not None]
+            row[key] = float(np.mean(vals)) if vals else None
+            if key in ("accuracy", "ece", "ece10"):
+                row[f"{key}_std"] = float(np.std(vals)) if vals else None
+        out.append(row)
+    return out
 
 
 def rounds_table(records: list[dict]) -> list[dict]:
@@ -37,7 +58,8 @@ def rounds_table(records: list[dict]) -> list[dict]:
         t = traffic.get(r["round"], {})
         row.update(bytes_sent=t.get("bytes_sent"), bytes_received=t.get("bytes_received"))
         table.append(row)
-    order = {"pooled": 0, "group": 1, "domain": 2, "client": 3}
+    table += client_mean_rows(records)
+    order = {"pooled": 0, "group": 1, "domain": 2, "client-mean": 3, "client": 4}
     return sorted(table, key=lambda x: (x["round"], x["split"], x["ts"], order[x["kind"]], str(x["group"])))
 
 
@@ -80,15 +102,20 @@ METRIC_COLUMNS = [("accuracy", "acc %", True), ("ece", "ECE %", True), ("ece10",
                   ("mce", "MCE %", True), ("classwise_ece", "cw-ECE %", True), ("nll", "NLL", False), ("brier", "Brier", False), ("n", "n", False)]
 
 
-def build(run_dir: Path, extra: dict[str, Any] | None = None, diagrams: bool = True) -> dict[str, Any]:
-    """Write summary.json, summary.md and diagrams/ for the last evaluated round; return the summary."""
+def build(run_dir: Path, extra: dict[str, Any] | None = None, diagrams: bool = True, last_k: int | None = None) -> dict[str, Any]:
+    """Write summary.json, summary.md and diagrams/ for the last evaluated round; return the summary.
+
+    ``last_k`` (default: the run's ``output.paper_last_k``) is the window of the papers'
+    last-rounds mean (server/paper.py)."""
     run_dir = Path(run_dir)
     records = read_records(run_dir)
     evaluated = [r["round"] for r in records if r["kind"] in ("client", "pooled")]
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    last_k = last_k or int(config.get("output.paper_last_k", paper.DEFAULT_LAST_K))
     summary: dict[str, Any] = {"run": run_dir.name, "run_dir": str(run_dir), "rounds": config.get("fl.rounds"),
                                "method": config.get("method.name"), "aggregator": config.get("fl.aggregator"), "model": config.get("model.name")}
     summary.update(extra or {})
+    summary["paper_last_k"] = last_k
     rounds_done = [r["round"] for r in records if r["kind"] == "round"]
     summary["completed_rounds"] = max(rounds_done) if rounds_done else 0
     summary["replies"] = totals_from_rows(records)  # the ledger's totals, from the records
@@ -112,6 +139,8 @@ def build(run_dir: Path, extra: dict[str, Any] | None = None, diagrams: bool = T
     summary["groups"] = [strip(r) for r in final if r["kind"] == "group"]
     summary["domains"] = [strip(r) for r in final if r["kind"] == "domain"]
     summary["clients"] = [strip(r) for r in final if r["kind"] == "client"]
+    summary["paper_last_k"] = last_k
+    summary["paper"] = paper.conventions(records, last_k)  # unweighted client means, last-k means, ECE x100
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
     md = [f"# fedcal run `{run_dir.name}`", "",
@@ -127,6 +156,7 @@ def build(run_dir: Path, extra: dict[str, Any] | None = None, diagrams: bool = T
     client_rows = sorted(summary["clients"], key=lambda r: (r["split"], r["ts"], r["partition"]))
     md += _table(client_rows, [("partition", "client", False), ("domain", "domain", False), ("role", "role", False), ("split", "split", False),
                                ("ts", "ts", False), ("temperature", "T", False)] + METRIC_COLUMNS)
+    md += ["", "## Paper conventions (beside the exact figures above)", "", paper.table(records, "fl2ora", last_k)]
     md += ["", f"Traffic: {summary['bytes_sent']:,} bytes sent, {summary['bytes_received']:,} received (trainable state only). "
            f"Rejected updates: {summary['rejected_updates']}. Missing replies: {len(summary['missing_replies'])}.", ""]
     (run_dir / "summary.md").write_text("\n".join(md))

@@ -52,3 +52,89 @@ def test_compare_prints_a_table_and_writes_an_overlay(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("\n") == 4 and "| a | lora |" in res.stdout and f"{100 * raw_a.ece():.2f}" in res.stdout
     json.dumps(rows)
+
+
+# ----------------------------------------------------------------------------- paper conventions
+def _client_run(tmp_path, rounds=7):
+    """A run with 4 clients over 2 seen domains and 1 held-out domain, val and test splits, known logits."""
+    from server.records import ClientEval, pool
+
+    cfg = config.load(None, output__dir=str(tmp_path), output__run_name="p", method__name="lora")
+    run = RunDirectory.create(cfg)
+    g = torch.Generator().manual_seed(7)
+    clients = [(0, "art", "seen"), (1, "art", "seen"), (2, "photo", "seen"), (3, "sketch", "unseen")]
+    truth = {}
+    for rnd in range(1, rounds + 1):
+        evals = []
+        for part, dom, role in clients:
+            for split in ("val", "test"):
+                n = 30 + 10 * part
+                x, y = torch.randn(n, 4, generator=g) * (1 + rnd / 3), torch.randint(0, 4, (n,), generator=g)
+                truth[(rnd, part, split)] = (torch.softmax(x.double(), 1), y)
+                evals.append(ClientEval(100 + part, part, dom, role, split, "none", 1.0, CalibrationStats.from_logits(x, y),
+                                        CalibrationStats.from_logits(x, y, n_bins=10), None))
+        run.write([e.row(rnd) for e in evals] + pool(evals, rnd) + [{"kind": "round", "round": rnd, "seconds": 1.0, "bytes_sent": 1, "bytes_received": 1}])
+    run.close()
+    return run.path, truth
+
+
+def _ref_figures(probs, y):
+    """Independent: torchmetrics' 10-bin ECE and the count-weighted MCE written out by hand."""
+    from torchmetrics.classification import MulticlassCalibrationError
+
+    ece = MulticlassCalibrationError(num_classes=4, n_bins=10, norm="l1")(probs, y).item()
+    conf, pred = probs.max(1)
+    bins = torch.clamp(torch.ceil(conf * 10) - 1, 0, 9).long()
+    mce_w = max(abs((pred[bins == b] == y[bins == b]).double().mean() - conf[bins == b].mean()).item() * int((bins == b).sum()) / len(y)
+                for b in range(10) if (bins == b).any())
+    return 100 * (pred == y).double().mean().item(), 100 * ece, 100 * mce_w
+
+
+def test_paper_conventions_are_unweighted_client_means_over_the_last_k_rounds(tmp_path):
+    import numpy as np
+    import pytest
+
+    from server.paper import conventions
+    from server.records import read_records
+
+    path, truth = _client_run(tmp_path)
+    conv = {(c["split"], c["ts"], c["scope"]): c for c in conventions(read_records(path), last_k=5)}
+    ref = {key: _ref_figures(*value) for key, value in truth.items()}
+    final = [ref[(7, p, "test")] for p in range(4)]
+    c = conv[("test", "none", "all")]
+    assert c["clients"] == 4 and c["last_k_rounds"] == [3, 4, 5, 6, 7]
+    for i, key in enumerate(("accuracy_x100", "ece10_x100", "mce10_weighted_x100")):
+        assert c["final"][key]["mean"] == pytest.approx(np.mean([f[i] for f in final]), abs=1e-4)
+        assert c["final"][key]["std"] == pytest.approx(np.std([f[i] for f in final]), abs=1e-4)
+        per_round = [np.mean([ref[(r, p, "test")][i] for p in range(4)]) for r in range(3, 8)]
+        assert c["over_last_k"][key]["mean"] == pytest.approx(np.mean(per_round), abs=1e-4)
+        assert c["over_last_k"][key]["std"] == pytest.approx(np.std(per_round), abs=1e-4)
+    art = conv[("test", "none", "domain:art")]
+    assert art["clients"] == 2 and art["final"]["accuracy_x100"]["mean"] == pytest.approx(np.mean([final[0][0], final[1][0]]), abs=1e-6)
+    # the per-round table carries the same unweighted means
+    write_round_outputs(path)
+    rows = [r for r in csv.DictReader(open(path / "rounds.csv")) if r["kind"] == "client-mean" and r["round"] == "7" and r["split"] == "test"]
+    assert len(rows) == 1 and float(rows[0]["accuracy"]) == pytest.approx(np.mean([f[0] for f in final]) / 100, abs=1e-9)
+    assert float(rows[0]["accuracy_std"]) == pytest.approx(np.std([f[0] for f in final]) / 100, abs=1e-9)
+
+
+def test_report_paper_prints_each_papers_layout(tmp_path):
+    import numpy as np
+
+    path, truth = _client_run(tmp_path)
+    outputs = {}
+    for paper in ("fl2ora", "fedclip", "carot"):
+        res = subprocess.run([str(BIN / "fedcal"), "report", str(path), "--paper", paper], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        outputs[paper] = res.stdout
+    assert "| all | none | 4 |" in outputs["fl2ora"] and "| domain:art |" in outputs["fl2ora"] and " ± " in outputs["fl2ora"]
+    # FedCLIP: the round with the best mean validation accuracy of the participating (seen) clients
+    val = {r: np.mean([(truth[(r, p, "val")][0].argmax(1) == truth[(r, p, "val")][1]).double().mean().item() for p in range(3)]) for r in range(1, 8)}
+    best = max(val, key=lambda r: (val[r], -r))
+    assert f"round {best}, best mean validation accuracy" in outputs["fedclip"] and "| sketch | unseen |" in outputs["fedclip"]
+    assert "ID (seen domains) | sketch | OOD avg" in outputs["carot"]
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["paper_last_k"] == 5 and any(c["scope"] == "domain:photo" for c in summary["paper"])
+    assert "## Paper conventions" in (path / "summary.md").read_text()
+    bad = subprocess.run([str(BIN / "fedcal"), "report", str(path), "--paper", "nope"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "fl2ora, fedclip, carot" in bad.stderr
