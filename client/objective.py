@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from common.config import RunConfig
+from common.model import templates_for
 from common.names import CONTRASTIVE_LOSSES, OBJECTIVE_TERMS
 
 from . import losses
@@ -40,6 +41,16 @@ class CarriedState:
     teacher: dict[str, torch.Tensor] | None = None
     carot_step: int = 0
     feddyn_grad: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Pairs:
+    """A contrastive batch: image features, the paired text features, the scale, caption choices."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    scale: torch.Tensor
+    caption_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -81,15 +92,17 @@ class EmaTeacher:
         state = state if state is not None else {k: v.detach().clone() for k, v in method.trainable_state().items()}
         self.state = {k: v.to(device) for k, v in state.items()}
 
-    def distillation(self, inputs, x: torch.Tensor, y: torch.Tensor, student: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
-        """KL of the student's in-batch logits to the teacher's; None before the first refresh."""
+    def distillation(self, inputs, x: torch.Tensor, y: torch.Tensor, student: Pairs, captions: list[str] | None) -> torch.Tensor | None:
+        """KL of the student's in-batch logits to the teacher's (same pairs); None before the first refresh."""
         if self.step == 0:
             return None
         method = self.method
         with torch.no_grad(), swapped_parameters(method, self.state):
             t_img, t_txt, t_scale = method.pair_features(inputs.embed(x), y, method.compute_text_features())
+            if student.caption_ids is not None:
+                t_txt = method.caption_features(y, captions, student.caption_ids).to(t_img.dtype)
             t_i2t, t_t2i = losses.clip_logits(t_img.float(), t_txt.float(), t_scale.float())
-        img_f, txt_f, scale = student
+        img_f, txt_f, scale = student.image, student.text, student.scale
         s_i2t, s_t2i = losses.clip_logits(img_f.float(), txt_f.float(), scale.float())
         return losses.self_distillation_loss(s_i2t, s_t2i, t_i2t, t_t2i)
 
@@ -139,7 +152,7 @@ class Objective:
     """The whole local objective of one client round (see the module docstring)."""
 
     def __init__(self, method, cfg: RunConfig, device: torch.device, params: dict[str, torch.nn.Parameter], *,
-                 total_steps: int, global_state: dict[str, torch.Tensor] | None, fl_config: dict[str, Any], carried: CarriedState):
+                 total_steps: int, global_state: dict[str, torch.Tensor] | None, fl_config: dict[str, Any], carried: CarriedState, seed: int = 0):
         lc = cfg.loss
         self.method, self.cfg, self.device = method, cfg, device
         self.params = params
@@ -158,6 +171,8 @@ class Objective:
             "orthogonality": lc.carot.oc_weight if visual_proj is not None else 0.0,
             "cross": lc.carot.cross_weight if visual_proj is not None and self.text_proj is not None else 0.0,
         }
+        self.captions = templates_for(lc.captions, "{}") if lc.captions != "class" else None
+        self.caption_rng = torch.Generator().manual_seed(seed)
         self.penalty_weight = {"mbls": lc.mbls_weight, "dca": lc.dca_weight, "mdca": lc.mdca_weight, "mmce": lc.mmce_weight}.get(lc.penalty)
 
     @property
@@ -170,7 +185,12 @@ class Objective:
         if not self.contrastive:
             return losses.classification_loss(lc.name, logits, y, label_smoothing=lc.label_smoothing, focal_gamma=lc.focal_gamma), None
         img_f, txt_f, scale = self.method.pair_features(emb, y, text)
-        return losses.clip_contrastive_loss(img_f.float(), txt_f.float(), scale.float(), label_smoothing=lc.label_smoothing), (img_f, txt_f, scale)
+        ids = None
+        if self.captions is not None:
+            ids = torch.randint(len(self.captions), (len(y),), generator=self.caption_rng)
+            txt_f = self.method.caption_features(y, self.captions, ids).to(img_f.dtype)
+        loss = losses.clip_contrastive_loss(img_f.float(), txt_f.float(), scale.float(), label_smoothing=lc.label_smoothing)
+        return loss, Pairs(img_f, txt_f, scale, ids)
 
     def __call__(self, inputs, x: torch.Tensor, y: torch.Tensor) -> StepLoss:
         """The loss of one batch (call inside the autocast context)."""
@@ -182,7 +202,7 @@ class Objective:
         terms = dict.fromkeys(OBJECTIVE_TERMS, zero)
         terms["base-loss"], pairs = self._base(emb, text, logits, y)
         if self.teacher is not None and pairs is not None:
-            sd = self.teacher.distillation(inputs, x, y, pairs)
+            sd = self.teacher.distillation(inputs, x, y, pairs, self.captions)
             terms["self-distillation"] = zero if sd is None else sd
         if self.weights["orthogonality"] > 0:
             terms["orthogonality"] = losses.orthogonality_loss(self.visual_proj.float())

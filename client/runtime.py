@@ -41,6 +41,20 @@ def rrc_flip(clip: LoadedClip):
     ])
 
 
+#: Logit given to the classes a projected held-out set does not contain: finite (the reply stays
+#: valid), and exp(PROJECTED_OUT / T) is exactly 0 in float64 for any temperature fedcal fits.
+PROJECTED_OUT = -1.0e4
+
+
+def project(logits: torch.Tensor, classes) -> torch.Tensor:
+    """CaRot's class-subset projection: predictions among ``classes`` only (None: all classes)."""
+    if classes is None:
+        return logits
+    keep = torch.zeros(logits.shape[1], dtype=torch.bool)
+    keep[torch.as_tensor(classes, dtype=torch.long)] = True
+    return logits.masked_fill(~keep, PROJECTED_OUT)
+
+
 @dataclass
 class ClientRuntime:
     cfg: RunConfig
@@ -82,7 +96,8 @@ class ClientRuntime:
         )
 
     def logits(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return predict(self.method, self.cfg, self.inputs(split), self.device, wise_alpha=self.cfg.method.wise_alpha)
+        logits, labels = predict(self.method, self.cfg, self.inputs(split), self.device, wise_alpha=self.cfg.method.wise_alpha)
+        return project(logits, self.data.eval_classes), labels
 
     def evaluate_split(self, split: str, temperature: float = 1.0) -> SplitEvaluation:
         logits, labels = self.logits(split)

@@ -246,7 +246,7 @@ def local_train(
         raise ValueError(f"method {method.name!r} has no trainable tensors; it cannot be trained (use it for evaluation only)")
     optimizer = build_optimizer(list(params.values()), cfg)
     objective = Objective(method, cfg, device, params, total_steps=total_steps, global_state=global_state, fl_config=fl_config or {},
-                          carried=CarriedState(teacher, carot_step, feddyn_grad))
+                          carried=CarriedState(teacher, carot_step, feddyn_grad), seed=seed)
     tally = _Tally()
     method.train()
     t0 = time.time()

@@ -23,7 +23,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .names import AGGREGATORS, BASE_LOSSES, METHODS, MMCE_FORMS, PENALTIES
+from .names import (
+    AGGREGATORS,
+    BASE_LOSSES,
+    CAPTIONS,
+    CONTRASTIVE_LOSSES,
+    METHODS,
+    MMCE_FORMS,
+    PENALTIES,
+    PROMPT_METHODS,
+)
 
 
 class ConfigError(ValueError):
@@ -144,6 +153,7 @@ class LossConfig(_Section):
     mdca_weight: float = Field(1.0, ge=0, description="MDCA beta.")
     mmce_weight: float = Field(2.0, ge=0, description="MMCE lambda.")
     mmce_form: Literal[MMCE_FORMS] = Field("paper", description="MMCE as the paper writes it, sqrt(MMCE^2 + 1e-10), or as the widely used reference code returns it, MMCE^2 (published weights of one do not carry over to the other).")  # type: ignore[valid-type]
+    captions: Literal[CAPTIONS] = Field("class", description="Contrastive losses: pair each image with its class prompt (class), or, as FLYP / CaRot do on ImageNet, with a caption from one of the 80 OpenAI ImageNet templates drawn per example (openai-imagenet).")  # type: ignore[valid-type]
     carot: CarotConfig = Field(default_factory=CarotConfig)
 
 
@@ -167,14 +177,18 @@ class OptimConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: str = Field("pacs", description="pacs, office-home, cifar10, cifar100, imagefolder (requires data.path), or demo-digits (offline demo: handwritten vs typeset digits from installed packages).")
+    dataset: str = Field("pacs", description="pacs, office-home, vlcs (data.path), cifar10, cifar100, food101, dtd, caltech101, flowers102, oxford-pets, imagenet (hub, or data.path with wnid folders and OOD domains), imagefolder (data.path), or demo-digits (offline demo: handwritten vs typeset digits from installed packages). See README 'Data'.")
     path: str = Field("", description="Local image folder laid out <domain>/<class>/<img> or <class>/<img>; ~ and $VARS are expanded; empty = the hub dataset. A node's node_config 'data-dir' overrides it.")
     hub_id: str = Field("", description="Hub dataset id overriding the registry's (e.g. flwrlabs/pacs).")
-    partitioner: Literal["domain", "domain-dirichlet", "dirichlet", "iid", "pathological"] = Field("domain-dirichlet", description="How examples are split across clients (see README 'Data').")
+    partitioner: Literal["domain", "domain-dirichlet", "dirichlet", "iid", "pathological", "class-disjoint"] = Field("domain-dirichlet", description="How examples are split across clients (see README 'Data').")
     clients_per_domain: int = Field(2, ge=1, description="Clients per domain for domain-dirichlet.")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for label skew.")
     classes_per_client: int = Field(2, ge=1, description="Classes per client for the pathological partitioner.")
     classes: Literal["all", "base", "novel"] = Field("all", description="Class subset: base = first half of the sorted class names, novel = second half.")
+    test_split: Literal["auto", "carve"] = Field("auto", description="auto = each seen client tests on its slice of the hub's official test split where the dataset has one (following its class proportions); carve = carve train/val/test from the training split.")
+    shots: int = Field(0, ge=0, description="Few-shot: keep k seeded examples per class of the training pool before partitioning (FL²oRA base-to-new: 2 in the official script); 0 = all.")
+    project_heldout: bool = Field(False, description="Held-out clients predict only among the classes their domain contains (CaRot's class-subset projection for ImageNet-R / -A).")
+    id_eval_domains: str = Field("", description="Comma list of held-out domains that are in-distribution evaluation sets (e.g. imagenet-val); the others count as distribution shifts in the CaRot table.")
     heldout_domains: str = Field("", description="Comma list of domains whose clients never train and are evaluated every round (unseen).")
     train_fraction: float = Field(0.6, gt=0, le=1, description="Per-client train fraction of its partition.")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="Per-client validation fraction.")
@@ -322,6 +336,15 @@ class RunConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     fault: FaultConfig = Field(default_factory=FaultConfig)
+
+    @model_validator(mode="after")
+    def _captions(self) -> RunConfig:
+        if self.loss.captions != "class":
+            if self.loss.name not in CONTRASTIVE_LOSSES:
+                raise ValueError(f"loss.captions={self.loss.captions!r} needs a contrastive loss (loss.name = flyp or carot)")
+            if self.method.name in PROMPT_METHODS:
+                raise ValueError(f"loss.captions={self.loss.captions!r} does not apply to method.name={self.method.name!r}, whose text comes from learned prompts")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """The flattened form Flower uses (``{"method.lora.rank": 2, ...}``)."""

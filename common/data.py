@@ -13,6 +13,13 @@ Partitioners (``data.partitioner``):
 - ``dirichlet``: Dirichlet(alpha) label skew over the whole dataset (FL²oRA CIFAR).
 - ``iid``: ``IidPartitioner`` over the shuffled dataset.
 - ``pathological``: ``classes_per_client`` classes per client (``PathologicalPartitioner``).
+- ``class-disjoint``: the classes shuffled and cut into disjoint groups, one per client (FL²oRA's
+  base-to-new setting, with ``data.classes = base`` and ``data.shots = k``).
+Where the hub has an official test split (CIFAR, DTD, Flowers102, Oxford Pets, Food101's
+validation, ImageNet's validation) and ``data.test_split = auto``, partitioners share out the
+training split only and each seen client tests on its slice of the official test split, which
+follows its class proportions; ``data.test_split = carve`` carves every split from the training
+split instead.
 ``data.classes`` = base / novel keeps the first / second half of the sorted class names.
 Clients of ``data.heldout_domains`` are *unseen*: they never train and evaluate on all their data.
 Seen clients split their partition (seeded by data.seed and partition id) into train/val/test.
@@ -42,6 +49,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """Where a dataset lives and its exact hub schema (column names), as its dataset card gives it."""
+
     hub_id: str
     split: str = "train"
     image: str = "image"
@@ -49,13 +58,25 @@ class DatasetSpec:
     domain: str | None = None
     num_classes: int = 0  # 0 = unknown until loaded
     num_domains: int = 1
+    test_split: str | None = None  # the hub's official evaluation split (data.test_split=auto uses it)
+    folder_only: str = ""  # no usable hub copy: data.path must point at this layout
+    wnid_classes: bool = False  # class folders named by ImageNet wnids: prompts use CLIP's ImageNet class names
 
 
 REGISTRY: dict[str, DatasetSpec] = {
     "pacs": DatasetSpec("flwrlabs/pacs", domain="domain", num_classes=7, num_domains=4),
     "office-home": DatasetSpec("flwrlabs/office-home", domain="domain", num_classes=65, num_domains=4),
-    "cifar10": DatasetSpec("uoft-cs/cifar10", image="img", label="label", num_classes=10),
-    "cifar100": DatasetSpec("uoft-cs/cifar100", image="img", label="fine_label", num_classes=100),
+    "vlcs": DatasetSpec("", num_classes=5, num_domains=4, folder_only="<root>/{Caltech101,LabelMe,SUN09,VOC2007}/{bird,car,chair,dog,person}/<img> (DomainBed's download)"),
+    "cifar10": DatasetSpec("uoft-cs/cifar10", image="img", label="label", num_classes=10, test_split="test"),
+    "cifar100": DatasetSpec("uoft-cs/cifar100", image="img", label="fine_label", num_classes=100, test_split="test"),
+    # FL²oRA's base-to-new datasets
+    "food101": DatasetSpec("ethz/food101", num_classes=101, test_split="validation"),
+    "dtd": DatasetSpec("tanganke/dtd", num_classes=47, test_split="test"),
+    "caltech101": DatasetSpec("flwrlabs/caltech101", num_classes=101),
+    "flowers102": DatasetSpec("nelorth/oxford-flowers", num_classes=102, test_split="test"),
+    "oxford-pets": DatasetSpec("timm/oxford-iiit-pet", num_classes=37, test_split="test"),
+    # CaRot: ImageNet-1K (gated on the hub: accept its terms, then `huggingface-cli login`)
+    "imagenet": DatasetSpec("ILSVRC/imagenet-1k", num_classes=1000, test_split="validation", wnid_classes=True),
     "imagefolder": DatasetSpec(""),
     "demo-digits": DatasetSpec("", num_classes=10, num_domains=4),  # offline demo, built from installed packages (common/demo.py)
 }
@@ -72,6 +93,7 @@ class Source:
     fingerprint: str
     hf: Any = None  # the HF dataset for hub sources (images decoded lazily)
     image_column: str = "image"
+    is_test: np.ndarray | None = None  # bool per example: from the official test split (None: there is none)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -116,29 +138,41 @@ def _scan_folder(root: Path) -> Source:
     return Source(paths, np.asarray(labels, dtype=np.int64), np.asarray(domains), class_names, f"folder:{digest}")
 
 
-def _load_hub(spec: DatasetSpec, hub_id: str, cache_dir: str | None) -> Source:
+def _load_hub(spec: DatasetSpec, hub_id: str, cache_dir: str | None, with_test: bool) -> Source:
     import datasets
 
     hub_id = hub_id or spec.hub_id
-    if not reachable() or offline_requested():
-        try:
-            ds = _load_hub_cached(hub_id, spec.split, cache_dir)
-        except Exception:
-            raise HubUnavailable(
-                f"dataset {hub_id} is not in the local cache and the hub is unreachable: set data.path to a local "
-                "image folder (<domain>/<class>/<img>), or load it once with network (`fedcal fetch-data`) and copy ~/.cache/huggingface"
-            ) from None
-    else:
-        ds = datasets.load_dataset(hub_id, split=spec.split, cache_dir=cache_dir)
-    for col in (spec.image, spec.label) + ((spec.domain,) if spec.domain else ()):
-        if col not in ds.column_names:
-            raise DataError(f"dataset {hub_id} has no column {col!r} (columns: {', '.join(ds.column_names)})")
-    feature = ds.features[spec.label]
+    splits = [spec.split] + ([spec.test_split] if with_test and spec.test_split else [])
+    parts = [_load_hub_split(hub_id, split, cache_dir) for split in splits]
+    for ds in parts:
+        for col in (spec.image, spec.label) + ((spec.domain,) if spec.domain else ()):
+            if col not in ds.column_names:
+                raise DataError(f"dataset {hub_id} has no column {col!r} (columns: {', '.join(ds.column_names)})")
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets([p.select_columns(parts[0].column_names) for p in parts])
+    feature = parts[0].features[spec.label]
     class_names = list(getattr(feature, "names", None) or [str(v) for v in sorted(set(ds[spec.label]))])
     labels = np.asarray(ds[spec.label], dtype=np.int64)
+    if (labels < 0).any():
+        raise DataError(f"dataset {hub_id} split {splits[-1]!r} has unlabelled rows (label -1); it cannot be an evaluation split")
     domains = np.asarray(ds[spec.domain]) if spec.domain else np.full(len(labels), "all")
+    is_test = np.concatenate([np.zeros(len(parts[0]), bool)] + [np.ones(len(p), bool) for p in parts[1:]]) if len(parts) > 1 else None
+    fingerprint = f"hub:{hub_id}:" + "+".join(p._fingerprint for p in parts)
     ds = ds.cast_column(spec.image, datasets.Image(decode=False))
-    return Source(None, labels, domains, class_names, f"hub:{hub_id}:{ds._fingerprint}", hf=ds, image_column=spec.image)
+    return Source(None, labels, domains, class_names, fingerprint, hf=ds, image_column=spec.image, is_test=is_test)
+
+
+def _load_hub_split(hub_id: str, split: str, cache_dir: str | None):
+    import datasets
+
+    if not reachable() or offline_requested():
+        try:
+            return _load_hub_cached(hub_id, split, cache_dir)
+        except Exception:
+            raise HubUnavailable(
+                f"dataset {hub_id} (split {split}) is not in the local cache and the hub is unreachable: set data.path to a local "
+                "image folder (<domain>/<class>/<img>), or load it once with network (`fedcal fetch-data`) and copy ~/.cache/huggingface"
+            ) from None
+    return datasets.load_dataset(hub_id, split=split, cache_dir=cache_dir)
 
 
 def _load_hub_cached(hub_id: str, split: str, cache_dir: str | None):
@@ -168,11 +202,27 @@ def load_source(cfg: DataConfig, data_dir: str = "") -> Source:
         from .demo import demo_folder
 
         path = str(demo_folder(cfg.cache_dir))
+    spec = REGISTRY[cfg.dataset]
     if path:
-        return _scan_folder(expand_path(path, "data-dir" if data_dir else "data.path"))
+        source = _scan_folder(expand_path(path, "data-dir" if data_dir else "data.path"))
+        return imagenet_names(source) if spec.wnid_classes else source
     if cfg.dataset == "imagefolder":
         raise ConfigError("data.dataset='imagefolder' needs data.path (or the node's data-dir) to point at the folder")
-    return _load_hub(REGISTRY[cfg.dataset], cfg.hub_id, None)
+    if spec.folder_only and not cfg.hub_id:
+        raise ConfigError(f"data.dataset={cfg.dataset!r} has no usable hub copy: set data.path to a folder laid out {spec.folder_only}")
+    return _load_hub(spec, cfg.hub_id, None, with_test=cfg.test_split == "auto")
+
+
+def imagenet_names(source: Source) -> Source:
+    """Class folders named by ImageNet wnids (n01440764, ...): sorted, they are the 1000 classes in
+    index order, which get CLIP's ImageNet class names (open_clip's IMAGENET_CLASSNAMES)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    wnids = source.class_names
+    if len(wnids) != len(IMAGENET_CLASSNAMES) or not all(len(w) == 9 and w[0] == "n" and w[1:].isdigit() for w in wnids):
+        raise DataError(f"an ImageNet folder must hold the 1000 wnid class folders (n01440764 ...) across its domains; found {len(wnids)} class folders "
+                        f"(e.g. {wnids[0]!r}): rename ImageNet-V2's 0..999 folders to wnids and include the imagenet train domain")
+    return Source(source.images, source.labels, source.domains, list(IMAGENET_CLASSNAMES), source.fingerprint + ":wnid", source.hf, source.image_column, source.is_test)
 
 
 def select_classes(source: Source, which: str) -> Source:
@@ -193,6 +243,7 @@ def select_classes(source: Source, which: str) -> Source:
         fingerprint=f"{source.fingerprint}:{which}",
         hf=None if source.hf is None else source.hf.select(rows),
         image_column=source.image_column,
+        is_test=None if source.is_test is None else source.is_test[rows],
     )
 
 
@@ -277,7 +328,9 @@ def _partition_rows(source: Source, cfg: DataConfig, num_partitions: int) -> lis
             f"data.partitioner={cfg.partitioner} with {detail} needs {expected} partitions, but num-partitions is {num_partitions}: "
             f"run {expected} SuperNodes (simulation: --federation-config 'num-supernodes={expected}')"
         )
-    all_rows = np.arange(len(source), dtype=np.int64)
+    all_rows = training_pool(source, cfg)
+    if cfg.partitioner == "class-disjoint":
+        return class_disjoint(source, all_rows, num_partitions, cfg.seed)
     if cfg.partitioner == "domain":
         table = _light_table(source.labels, source.domains, all_rows, cfg.seed)
         part = NaturalIdPartitioner(partition_by="domain")
@@ -286,7 +339,7 @@ def _partition_rows(source: Source, cfg: DataConfig, num_partitions: int) -> lis
     if cfg.partitioner == "domain-dirichlet":
         out = []
         for d_idx, dom in enumerate(domains):
-            rows = all_rows[source.domains == dom]
+            rows = all_rows[source.domains[all_rows] == dom]
             table = _light_table(source.labels, source.domains, rows, cfg.seed + d_idx)
             out += [np.sort(r) for r in _dirichlet(table, cfg.clients_per_domain, cfg.alpha, cfg.seed + d_idx, f"domain {dom!r}")]
         return out
@@ -301,6 +354,55 @@ def _partition_rows(source: Source, cfg: DataConfig, num_partitions: int) -> lis
         part = PathologicalPartitioner(num_partitions=num_partitions, partition_by="label", num_classes_per_partition=cfg.classes_per_client, seed=cfg.seed)
     part.dataset = table
     return [_rows(part, i) for i in range(num_partitions)]
+
+
+def training_pool(source: Source, cfg: DataConfig) -> np.ndarray:
+    """The rows partitioners share out: everything but the official test split, and with
+    ``data.shots`` = k only k seeded examples per class (CoOp's few-shot protocol; drawn from the
+    whole pool before partitioning, so a class-disjoint client holds k shots of each class)."""
+    rows = np.arange(len(source), dtype=np.int64)
+    if source.is_test is not None:
+        rows = rows[~source.is_test]
+    if cfg.shots <= 0:
+        return rows
+    rng = np.random.default_rng([cfg.seed, 1])
+    picked = []
+    for k in range(len(source.class_names)):
+        of_class = rows[source.labels[rows] == k]
+        if len(of_class):
+            picked.append(rng.choice(of_class, size=min(cfg.shots, len(of_class)), replace=False))
+    return np.sort(np.concatenate(picked)) if picked else rows[:0]
+
+
+def class_disjoint(source: Source, rows: np.ndarray, num_partitions: int, seed: int) -> list[np.ndarray]:
+    """FL²oRA's base-to-new split: the classes, shuffled (seed), cut into ``num_partitions``
+    disjoint groups of near-equal size; each client holds every pool row of its classes."""
+    classes = np.unique(source.labels[rows])
+    if len(classes) < num_partitions:
+        raise ConfigError(f"data.partitioner=class-disjoint needs at least one class per client: {len(classes)} classes for {num_partitions} clients")
+    groups = np.array_split(np.random.default_rng([seed, 2]).permutation(classes), num_partitions)
+    return [np.sort(rows[np.isin(source.labels[rows], g)]) for g in groups]
+
+
+def official_test_slice(source: Source, parts: list[np.ndarray], partition_id: int, seed: int) -> np.ndarray:
+    """This client's share of the official test split, following its class proportions: per class,
+    the test rows (shuffled, seed) are cut among the clients in proportion to their pool counts of
+    that class (FL²oRA's per-client test sets). The slices are disjoint and cover every test row
+    of a class some client holds."""
+    test_rows = np.nonzero(source.is_test)[0]
+    n_classes = len(source.class_names)
+    counts = np.stack([np.bincount(source.labels[p], minlength=n_classes) for p in parts]).astype(np.float64)
+    rng = np.random.default_rng([seed, 3])
+    mine = []
+    for k in range(n_classes):
+        rows_k = rng.permutation(test_rows[source.labels[test_rows] == k])
+        total = counts[:, k].sum()
+        if not len(rows_k) or total == 0:
+            continue
+        edges = np.round(np.cumsum(counts[:, k] / total) * len(rows_k)).astype(np.int64)
+        start = int(edges[partition_id - 1]) if partition_id else 0
+        mine.append(rows_k[start : int(edges[partition_id])])
+    return np.sort(np.concatenate(mine)) if mine else np.empty(0, dtype=np.int64)
 
 
 def _rows(part, i: int) -> np.ndarray:
@@ -323,6 +425,7 @@ class ClientData:
     class_names: list[str]
     source: Source
     splits: dict[str, np.ndarray] = field(default_factory=dict)  # split -> rows into source
+    eval_classes: np.ndarray | None = None  # held-out client of a class-subset set: predictions projected onto these classes
 
     def size(self, split: str) -> int:
         return len(self.splits.get(split, ()))
@@ -354,7 +457,8 @@ def load_client_data(cfg: DataConfig, node: NodeConfig) -> ClientData:
         raise ConfigError(f"data.heldout_domains names {unknown[0]!r}, which is not a domain of this dataset ({', '.join(domains)})")
     if cfg.heldout() and cfg.partitioner not in ("domain", "domain-dirichlet"):
         raise ConfigError("data.heldout_domains needs a domain partitioner (data.partitioner = domain or domain-dirichlet)")
-    rows = partition_rows(source, cfg, node.num_partitions)[node.partition_id]
+    parts = partition_rows(source, cfg, node.num_partitions)
+    rows = parts[node.partition_id]
     if len(rows) == 0:
         raise DataError(
             f"partition {node.partition_id} of {node.num_partitions} is empty (data.partitioner={cfg.partitioner}); "
@@ -366,17 +470,34 @@ def load_client_data(cfg: DataConfig, node: NodeConfig) -> ClientData:
     domain = client_domain(source, rows, cfg)
     role = node.role if node.role != "auto" else ("unseen" if domain in cfg.heldout() else "seen")
     data = ClientData(node.partition_id, node.num_partitions, domain, role, source.class_names, source)
-    empty = np.empty(0, dtype=np.int64)
-    if role == "unseen":
-        data.splits = {"train": empty, "val": empty, "test": rows}
-        return data
-    order = rng.permutation(rows)
-    n_train = int(round(len(order) * cfg.train_fraction))
-    n_val = int(round(len(order) * cfg.val_fraction))
-    data.splits = {"train": np.sort(order[:n_train]), "val": np.sort(order[n_train : n_train + n_val]), "test": np.sort(order[n_train + n_val :])}
-    if not len(data.splits["train"]):
+    if role == "unseen" and cfg.project_heldout:
+        data.eval_classes = np.unique(source.labels[source.domains == domain]) if domain != "mixed" else None
+    official = _capped(official_test_slice(source, parts, node.partition_id, cfg.seed), cfg, rng) if source.is_test is not None else None
+    data.splits = _splits(rows, official, role, cfg, rng)
+    if role == "seen" and not len(data.splits["train"]):
         raise DataError(f"partition {node.partition_id} has {len(rows)} examples and an empty train split; use fewer clients or a larger data.train_fraction")
     return data
+
+
+def _capped(rows: np.ndarray, cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    """data.max_per_client also bounds the official test slice (at its test share)."""
+    cap = max(1, int(round(cfg.max_per_client * cfg.test_fraction))) if cfg.max_per_client else 0
+    return np.sort(rng.choice(rows, size=cap, replace=False)) if cap and len(rows) > cap else rows
+
+
+def _splits(rows: np.ndarray, official: np.ndarray | None, role: str, cfg: DataConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """train / val / test rows: a held-out client tests on everything it holds; a seen client splits
+    its partition (seeded) train/val/test, or train/val when the official test split gives its test."""
+    empty = np.empty(0, dtype=np.int64)
+    if role == "unseen":
+        return {"train": empty, "val": empty, "test": rows if official is None else np.union1d(rows, official)}
+    order = rng.permutation(rows)
+    if official is None:
+        n_train = int(round(len(order) * cfg.train_fraction))
+        n_val = int(round(len(order) * cfg.val_fraction))
+        return {"train": np.sort(order[:n_train]), "val": np.sort(order[n_train : n_train + n_val]), "test": np.sort(order[n_train + n_val :])}
+    n_train = int(round(len(order) * cfg.train_fraction / (cfg.train_fraction + cfg.val_fraction)))
+    return {"train": np.sort(order[:n_train]), "val": np.sort(order[n_train:]), "test": official}
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 #: Trainable methods (``method.name``); ``common/methods`` registers one class per name.
 METHODS = ("zeroshot", "lora", "adapter", "coop", "kgcoop", "maple", "layernorm", "bitfit", "linear", "full")
+#: Methods whose class text features come from learned prompts (not from a template).
+PROMPT_METHODS = ("coop", "kgcoop", "maple")
 #: Methods trained on fixed (non-augmented) images, as FedCLIP does; their image embeddings cache.
 NO_AUGMENT_METHODS = ("adapter", "linear", "zeroshot")
 
@@ -19,6 +21,9 @@ CLASSIFICATION_LOSSES = ("ce", "focal", "flsd53")
 CONTRASTIVE_LOSSES = ("flyp", "carot")
 #: Every base loss (``loss.name``).
 BASE_LOSSES = CLASSIFICATION_LOSSES + CONTRASTIVE_LOSSES
+
+#: Text paired with each image by the contrastive losses (``loss.captions``).
+CAPTIONS = ("class", "openai-imagenet")
 
 #: Train-time calibration penalties added to the base loss (``loss.penalty``).
 PENALTIES = ("none", "mbls", "dca", "mdca", "mmce")

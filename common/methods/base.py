@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model import encode_text_features, zero_shot_classifier
+from ..model import encode_text_features, prompt_name, zero_shot_classifier
 
 
 class StateError(ValueError):
@@ -113,6 +113,14 @@ class ClipMethod(nn.Module):
         feats = self.image_features(embeddings)
         text = self.text_features() if text is None else text
         return feats, text[labels].to(feats.dtype), self.logit_scale()
+
+    def caption_features(self, labels: torch.Tensor, templates: list[str], template_ids: torch.Tensor) -> torch.Tensor:
+        """Normalised text features of one caption per example, ``templates[id].format(class name)``
+        (FLYP's image-caption pairs); differentiable where the text tower trains."""
+        names = [prompt_name(self.class_names[int(k)]) for k in labels.tolist()]
+        tokens = self.tokenizer([templates[int(t)].format(n) for n, t in zip(names, template_ids.tolist(), strict=True)]).to(self.device)
+        feats = self.clip.encode_text(tokens)
+        return feats / feats.norm(dim=-1, keepdim=True)
 
     def regularizer(self) -> torch.Tensor:
         """Method-specific loss term (KgCoOp's knowledge-guided term); zero by default."""
