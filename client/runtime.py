@@ -102,3 +102,23 @@ class ClientRuntime:
     def evaluate_split(self, split: str, temperature: float = 1.0) -> SplitEvaluation:
         logits, labels = self.logits(split)
         return evaluate_logits(split, logits, labels, self.cfg.eval.n_bins, temperature)
+
+
+def evaluate_global(cfg: RunConfig, state: dict[str, torch.Tensor], temperature: float = 1.0, data_dir: str = "") -> list[SplitEvaluation]:
+    """The global model on the whole evaluation set of the configured classes (common.data.global_test_data),
+    raw and, when ``temperature`` is not 1, after temperature scaling."""
+    from common.data import global_test_data
+
+    rt = ClientRuntime.create(cfg, config_node(), data=global_test_data(cfg.data, data_dir))
+    rt.method.load_trainable_state(state)
+    logits, labels = rt.logits("test")
+    out = [evaluate_logits("test", logits, labels, cfg.eval.n_bins)]
+    if temperature != 1.0:
+        out.append(evaluate_logits("test", logits, labels, cfg.eval.n_bins, temperature))
+    return out
+
+
+def config_node() -> NodeConfig:
+    from common.config import parse_node_config
+
+    return parse_node_config({"partition-id": 0, "num-partitions": 1})

@@ -479,6 +479,22 @@ def load_client_data(cfg: DataConfig, node: NodeConfig) -> ClientData:
     return data
 
 
+def global_test_data(cfg: DataConfig, data_dir: str = "") -> ClientData:
+    """The whole evaluation set of the configured classes, as one held-out "client": the official
+    test split where the dataset has one, else every example outside the (few-shot) training pool.
+    FL²oRA's global base and global novel figures are this set with data.classes = base / novel."""
+    source = select_classes(load_source(cfg, data_dir), cfg.classes)
+    if source.is_test is not None:
+        rows = np.nonzero(source.is_test)[0]
+    else:
+        rows = np.setdiff1d(np.arange(len(source), dtype=np.int64), training_pool(source, cfg) if cfg.classes != "novel" else np.empty(0, dtype=np.int64))
+    if not len(rows):
+        raise ConfigError(f"data.dataset={cfg.dataset!r} has no official test split and data.shots=0 leaves no example outside the training pool: set data.shots")
+    data = ClientData(0, 1, "global", "unseen", source.class_names, source)
+    data.splits = {"train": rows[:0], "val": rows[:0], "test": rows}
+    return data
+
+
 def _capped(rows: np.ndarray, cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
     """data.max_per_client also bounds the official test slice (at its test share)."""
     cap = max(1, int(round(cfg.max_per_client * cfg.test_fraction))) if cfg.max_per_client else 0

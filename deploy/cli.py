@@ -209,6 +209,46 @@ def train_local(
         typer.echo(f"round {r}: train loss {out.metrics['train-loss']:.4f}  test acc {ev.stats.accuracy():.4f}  ECE {ev.stats.ece():.4f}  ({out.metrics['local-steps']} steps, {out.metrics['train-seconds']:.1f}s)")
 
 
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (with final/ or checkpoints/).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides of the run's config, e.g. data.classes=\"novel\".")] = None,
+    name: Annotated[str, typer.Option("--name", help="Name of the evaluation (default: data.classes, e.g. 'novel').")] = "",
+) -> None:
+    """Evaluate a run's global model on the whole evaluation set of a dataset and class subset (FL²oRA's
+    global base / global novel figures); writes global-<name>.json into the run folder."""
+    import json
+
+    from client.runtime import evaluate_global
+    from common import config
+    from server import checkpoint
+    from server.records import summarize
+
+    saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else None
+    if saved is None:
+        raise config.ConfigError(f"{run_dir} is not a fedcal run folder (no config.json)")
+    flat = dict(saved)
+    for item in overrides or []:
+        flat.update(config.parse_overrides(item))
+    cfg = config.from_flat(flat)
+    folder = run_dir / "final" if (run_dir / "final" / "state.json").is_file() else checkpoint.latest(run_dir)
+    if folder is None:
+        raise config.ConfigError(f"{run_dir} has no final state or checkpoint to evaluate")
+    ck = checkpoint.load(folder)
+    temp = ck.meta.get("temperature")
+    temperature = float(temp) if isinstance(temp, (int, float)) else 1.0
+    results = evaluate_global(cfg, ck.global_state, temperature)
+    name = name or cfg.data.classes
+    rows = [{"name": name, "ts": "none" if i == 0 else "global", "temperature": 1.0 if i == 0 else temperature, "round": ck.round,
+             "dataset": cfg.data.dataset, "classes": cfg.data.classes, **summarize(ev.stats, ev.stats10),
+             "mce10_weighted": ev.stats10.mce_count_weighted(), "stats10": ev.stats10.to_metrics()} for i, ev in enumerate(results)]
+    (run_dir / f"global-{name}.json").write_text(json.dumps(rows, indent=2))
+    raw = rows[0]
+    typer.echo(f"global {name} ({cfg.data.dataset}, {raw['n']} examples, round {ck.round}): acc {100 * raw['accuracy']:.2f}  ECE(10) {100 * raw['ece10']:.2f}"
+               + (f"  after TS (T={temperature:.3f}): ECE(10) {100 * rows[1]['ece10']:.2f}" if len(rows) > 1 else ""))
+
+
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (output.dir/<run-name>).")],
@@ -229,7 +269,7 @@ def report(
     summary = build(run_dir, last_k=last_k or None)
     typer.echo(f"{run_dir}: summary of round {summary.get('final_round')} written (summary.md, summary.json, diagrams/)", err=bool(paper))
     if paper:
-        typer.echo(table(read_records(run_dir), paper, summary["paper_last_k"]))
+        typer.echo(table(read_records(run_dir), paper, summary["paper_last_k"], run_dir))
 
 
 @app.command()

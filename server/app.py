@@ -134,7 +134,7 @@ def _run_in(run: RunDirectory, cfg: RunConfig, grid: Grid) -> dict:
         if strategy.tb is not None:
             strategy.tb.close()
         final_state = from_record(final_arrays)
-        checkpoint.save_final(run.path, final_state, {"temperature": strategy.temperature, "best": strategy.best, "sizes": sizes})
+        checkpoint.save_final(run.path, cfg.fl.rounds, final_state, {"temperature": strategy.temperature, "best": strategy.best, "sizes": sizes})
         summary = report.build(run.path, extra={"sizes": sizes, "best": strategy.best, "wall_seconds": time.monotonic() - t0},
                                diagrams=cfg.eval.diagrams)
         _log_final(summary)

@@ -76,9 +76,10 @@ def save(run_dir: Path, server_round: int, global_state: dict[str, torch.Tensor]
     return folder
 
 
-def save_final(run_dir: Path, global_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+def save_final(run_dir: Path, server_round: int, global_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """The final global state (after ``server_round``) with the fitted temperature: what a user deploys."""
     folder = Path(run_dir) / "final"
-    _save_dir(folder, global_state, {}, meta)
+    _save_dir(folder, global_state, {}, {**meta, "round": server_round})
     return folder
 
 

@@ -90,7 +90,7 @@ def _pm(d: dict | None) -> str:
     return f"{d['mean']:.2f} ± {d['std']:.2f}"
 
 
-def _fl2ora(records: list[dict], last_k: int) -> list[str]:
+def _fl2ora(records: list[dict], last_k: int, run_dir=None) -> list[str]:
     rows = [c for c in conventions(records, last_k) if c["split"] == "test"]
     lines = ["FL²oRA convention: per-client test figures averaged without weights (mean ± std across clients at the final",
              f"round, and mean ± std over the last {last_k} rounds of that mean); ECE x100, 10 bins; MCE weighted by bin mass.", "",
@@ -101,6 +101,18 @@ def _fl2ora(records: list[dict], last_k: int) -> list[str]:
         span = f"{c['last_k_rounds'][0]}-{c['last_k_rounds'][-1]}" if c["last_k_rounds"] else "-"
         lines.append(f"| {c['scope']} | {c['ts']} | {c['clients']} | {_pm(f.get('accuracy_x100'))} | {_pm(f.get('ece10_x100'))} | "
                      f"{_pm(f.get('mce10_weighted_x100'))} | {span} | {_pm(k.get('accuracy_x100'))} | {_pm(k.get('ece10_x100'))} | {_pm(k.get('mce10_weighted_x100'))} |")
+    return lines + _global_rows(run_dir)
+
+
+def _global_rows(run_dir) -> list[str]:
+    """FL²oRA's global figures (base / novel) written by `fedcal evaluate`, one row each."""
+    import json
+    from pathlib import Path
+
+    lines = []
+    for path in sorted(Path(run_dir).glob("global-*.json")) if run_dir else []:
+        for r in json.loads(path.read_text()):
+            lines.append(f"| global {r['name']} | {r['ts']} | 1 | {_pct(r['accuracy'])} | {_pct(r['ece10'])} | {_pct(r['mce10_weighted'])} | {r['round']} | - | - | - |")
     return lines
 
 
@@ -114,7 +126,7 @@ def _best_val_round(records: list[dict]) -> tuple[int | None, str]:
     return best, f"round {best}, best mean validation accuracy of the participating clients ({100 * means[best]:.2f})"
 
 
-def _fedclip(records: list[dict], last_k: int) -> list[str]:
+def _fedclip(records: list[dict], last_k: int, run_dir=None) -> list[str]:
     rnd, why = _best_val_round(records)
     lines = [f"FedCLIP convention: test accuracy per domain at {why}; the held-out (target) domain is scored with the global model.", "",
              "| domain | role | clients | acc % | ECE % (10 bins) |", "|---|---|---|---|---|"]
@@ -135,13 +147,25 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
 
-def _carot(records: list[dict], last_k: int) -> list[str]:
+def _id_domains(run_dir) -> set[str]:
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / "config.json" if run_dir else None
+    saved = json.loads(path.read_text()) if path and path.is_file() else {}
+    return {d.strip() for d in str(saved.get("data.id_eval_domains", "")).split(",") if d.strip()}
+
+
+def _carot(records: list[dict], last_k: int, run_dir=None) -> list[str]:
     last = max((r["round"] for r in records if r["kind"] == "pooled" and r["split"] == "test"), default=None)
     rows = [r for r in records if r["round"] == last and r.get("split") == "test" and r.get("ts") == "none"]
     seen = next((r for r in rows if r["kind"] == "group" and r["group"] == "seen"), None)
     roles = {r["domain"]: r["role"] for r in records if r["kind"] == "client" and r["round"] == last}
-    ood = sorted((r for r in rows if r["kind"] == "domain" and roles.get(r["group"]) == "unseen"), key=lambda r: r["group"])
-    cols = ([("ID (seen domains)", seen)] if seen else []) + [(r["group"], r) for r in ood]
+    held = sorted((r for r in rows if r["kind"] == "domain" and roles.get(r["group"]) == "unseen"), key=lambda r: r["group"])
+    id_names = _id_domains(run_dir)
+    in_dist = [r for r in held if r["group"] in id_names]
+    ood = [r for r in held if r["group"] not in id_names]
+    cols = ([("ID (seen clients' test)", seen)] if seen else []) + [(f"ID: {r['group']}", r) for r in in_dist] + [(r["group"], r) for r in ood]
     lines = [f"CaRot convention: accuracy % / ECE x100 (10 bins) of the final model (round {last}), in-distribution and per shifted set.", "",
              "| " + " | ".join(name for name, _ in cols) + (" | OOD avg |" if ood else " |"),
              "|" + "---|" * (len(cols) + (1 if ood else 0))]
@@ -152,10 +176,11 @@ def _carot(records: list[dict], last_k: int) -> list[str]:
     return lines
 
 
-def table(records: list[dict], paper: str, last_k: int = DEFAULT_LAST_K) -> str:
-    """A markdown table laid out like ``paper``'s (one of :data:`PAPERS`)."""
+def table(records: list[dict], paper: str, last_k: int = DEFAULT_LAST_K, run_dir=None) -> str:
+    """A markdown table laid out like ``paper``'s (one of :data:`PAPERS`); ``run_dir`` adds the
+    global evaluations `fedcal evaluate` wrote there."""
     if paper not in PAPERS:
         raise ValueError(f"unknown paper {paper!r}; choose one of {', '.join(PAPERS)}")
     if not any(r["kind"] == "client" for r in records):
         return "No evaluated round yet."
-    return "\n".join({"fl2ora": _fl2ora, "fedclip": _fedclip, "carot": _carot}[paper](records, last_k))
+    return "\n".join({"fl2ora": _fl2ora, "fedclip": _fedclip, "carot": _carot}[paper](records, last_k, run_dir))

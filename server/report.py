@@ -157,7 +157,7 @@ def build(run_dir: Path, extra: dict[str, Any] | None = None, diagrams: bool = T
     client_rows = sorted(summary["clients"], key=lambda r: (r["split"], r["ts"], r["partition"]))
     md += _table(client_rows, [("partition", "client", False), ("domain", "domain", False), ("role", "role", False), ("split", "split", False),
                                ("ts", "ts", False), ("temperature", "T", False)] + METRIC_COLUMNS)
-    md += ["", "## Paper conventions (beside the exact figures above)", "", paper.table(records, "fl2ora", last_k)]
+    md += ["", "## Paper conventions (beside the exact figures above)", "", paper.table(records, "fl2ora", last_k, run_dir)]
     md += ["", f"Traffic: {summary['bytes_sent']:,} bytes sent, {summary['bytes_received']:,} received (trainable state only). "
            f"Rejected updates: {summary['rejected_updates']}. Missing replies: {len(summary['missing_replies'])}.", ""]
     (run_dir / "summary.md").write_text("\n".join(md))

@@ -132,7 +132,7 @@ def test_report_paper_prints_each_papers_layout(tmp_path):
     val = {r: np.mean([(truth[(r, p, "val")][0].argmax(1) == truth[(r, p, "val")][1]).double().mean().item() for p in range(3)]) for r in range(1, 8)}
     best = max(val, key=lambda r: (val[r], -r))
     assert f"round {best}, best mean validation accuracy" in outputs["fedclip"] and "| sketch | unseen |" in outputs["fedclip"]
-    assert "ID (seen domains) | sketch | OOD avg" in outputs["carot"]
+    assert "ID (seen clients' test) | sketch | OOD avg" in outputs["carot"]
     summary = json.loads((path / "summary.json").read_text())
     assert summary["paper_last_k"] == 5 and any(c["scope"] == "domain:photo" for c in summary["paper"])
     assert "## Paper conventions" in (path / "summary.md").read_text()
