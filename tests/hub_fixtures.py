@@ -17,8 +17,8 @@ import numpy as np
 # name -> (columns: {column: kind}, splits: {split: rows}, classes of the label column)
 #   kinds: "image", "label", "domain", ("classlabel", n), "string"
 SCHEMAS: dict[str, tuple[dict, dict, int]] = {
-    "pacs": ({"image": "image", "domain": "domain", "label": "label"}, {"train": 56}, 7),
-    "office-home": ({"image": "image", "label": "label", "domain": "domain"}, {"train": 80}, 65),
+    "pacs": ({"image": "image", "domain": "domain", "label": "label"}, {"train": 112}, 7),
+    "office-home": ({"image": "image", "label": "label", "domain": "domain"}, {"train": 1040}, 65),
     "cifar10": ({"img": "image", "label": "label"}, {"train": 80, "test": 40}, 10),
     "cifar100": ({"img": "image", "fine_label": "label", "coarse_label": ("classlabel", 20)}, {"train": 120, "test": 60}, 100),
     "food101": ({"image": "image", "label": "label"}, {"train": 120, "validation": 60}, 101),

@@ -155,3 +155,47 @@ def test_fedcal_evaluate_gives_global_base_and_novel_figures(hub, tmp_path):
     from server.paper import _global_rows
 
     assert [line.split(" | ")[:2] for line in _global_rows(run.path)] == [["| global novel", "none"], ["| global novel", "global"]]
+
+
+# ----------------------------------------------------------------------------- every preset's data path
+PRESETS = sorted(p.name for p in (__import__("pathlib").Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Folder fixtures for the presets whose data has no hub copy: VLCS and ImageNet with its shifts."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    root = tmp_path_factory.mktemp("folders")
+    vlcs = image_folder(root / "VLCS", {d: {c: 3 for c in ("bird", "car", "chair", "dog", "person")} for d in ("Caltech101", "LabelMe", "SUN09", "VOC2007")})
+    wnids = [f"n{10_000_000 + 7 * i:08d}" for i in range(len(IMAGENET_CLASSNAMES))]
+    layout = {"imagenet": {w: 2 for w in wnids}, "imagenet-val": {w: 2 for w in wnids[:20]}, "imagenet-v2": {w: 2 for w in wnids[:20]},
+              "imagenet-r": {w: 2 for w in wnids[:200:20]}, "imagenet-a": {w: 2 for w in wnids[5:200:20]}, "imagenet-sketch": {w: 2 for w in wnids[:20]}}
+    return {"vlcs": vlcs, "imagenet": image_folder(root / "imagenet", layout)}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_runs_its_data_path_on_a_fixture(preset, hub, folders, pacs_dir):
+    """`fedcal config` accepts the preset and its data path works offline: every client of a domain
+    preset (or the first clients of the others) loads its partition and splits from a fixture with
+    the hub's schema (or the documented folder layout)."""
+    from common.data import expected_partitions
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+    cfg = config.load(str(root / preset))
+    ds = cfg.data.dataset
+    if ds in folders:
+        cfg = config.load(str(root / preset), data__path=str(folders[ds]))
+    elif ds in SCHEMAS:
+        cfg = config.load(str(root / preset), data__hub_id=str(hub(ds)))
+    elif ds == "imagefolder":
+        cfg = config.load(str(root / preset), data__path=str(pacs_dir))
+    source_domains = load_source(cfg.data).domain_names()
+    fixed = expected_partitions(cfg.data, source_domains)
+    n = fixed or (10 if cfg.data.partitioner == "class-disjoint" else 2)  # the fixtures are small: 2 clients share the others
+    for pid in range(n if fixed else 2):
+        data = load_client_data(cfg.data, node(pid, n))
+        assert data.role == "unseen" or data.size("train") > 0
+        assert data.size("train") + data.size("val") + data.size("test") > 0
+        if cfg.data.project_heldout and data.role == "unseen":
+            assert data.eval_classes is not None and len(data.eval_classes) <= len(data.class_names)

@@ -183,3 +183,31 @@ def test_evaluation_returns_exact_stats(pacs_dir, tmp_path):
     metrics = ev.metrics("test-")
     assert CalibrationStats.from_metrics(metrics, "test-") == ev.stats
     assert evaluate_logits("x", logits[:0], labels[:0], 15).stats.total == 0
+
+
+def test_flyp_captions_pair_each_image_with_a_seeded_template_caption(pacs_dir, tmp_path):
+    """FLYP/CaRot on ImageNet: each image's text is one of the 80 OpenAI templates with its class name."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    from client.losses import clip_contrastive_loss
+    from client.objective import CarriedState, Objective
+
+    rt = runtime(pacs_dir, tmp_path, method__name="lora", loss__name="flyp", loss__captions="openai-imagenet")
+    params = dict(rt.method.trainable_named_parameters())
+    objective = Objective(rt.method, rt.cfg, rt.device, params, total_steps=2, global_state=None, fl_config={}, carried=CarriedState(), seed=11)
+    inputs = rt.inputs("train")
+    x, y = next(inputs.batches(6))
+    rt.method.eval()  # no LoRA dropout: the reference below recomputes the same forward
+    with torch.no_grad():
+        out = objective(inputs, x, y)
+        ids = torch.randint(80, (len(y),), generator=torch.Generator().manual_seed(11))
+        texts = [OPENAI_IMAGENET_TEMPLATES[int(t)](rt.method.class_names[int(k)].replace("_", " ").lower()) for k, t in zip(y, ids, strict=True)]
+        txt = rt.method.clip.encode_text(rt.method.tokenizer(texts))
+        txt = txt / txt.norm(dim=-1, keepdim=True)
+        img = rt.method.image_features(inputs.embed(x))
+        expected = clip_contrastive_loss(img, txt, rt.method.logit_scale())
+    assert out.terms["base-loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(config.ConfigError, match="learned prompts"):
+        config.load(None, method__name="coop", loss__name="flyp", loss__captions="openai-imagenet")
+    with pytest.raises(config.ConfigError, match="contrastive"):
+        config.load(None, loss__captions="openai-imagenet")
