@@ -34,7 +34,7 @@ from common.config import ConfigError, RunConfig, from_flower, parse_node_config
 from common.data import DataError, load_client_data
 from common.hub import HubUnavailable
 from common.methods import StateError
-from common.tensors import from_record, to_record
+from common.tensors import Manifest, from_record, pack, to_record, unpack
 
 from . import faults
 from .runtime import ClientRuntime
@@ -78,6 +78,11 @@ def identity(rt_or_data, node, cfg: RunConfig | None = None) -> ConfigRecord:
     return ConfigRecord(faults.corrupt_identity(cfg, node.partition_id, record) if cfg else record)
 
 
+def _manifest(rt) -> Manifest:
+    """This node's manifest of the trainable state; the server's packed arrays must carry its digest."""
+    return Manifest.of(rt.method.trainable_named_parameters())
+
+
 # ------------------------------------------------------------------ persisted client state
 def _load_arrays(context: Context, key: str) -> dict[str, torch.Tensor] | None:
     return from_record(context.state[key]) if key in context.state.array_records else None
@@ -104,7 +109,8 @@ def train(msg: Message, context: Context) -> Message:
     rt = ClientRuntime.create(cfg, node)
     if rt.data.role == "unseen":
         raise ConfigError(f"partition {node.partition_id} is a held-out (unseen) client and must not be sampled for training")
-    global_state = from_record(msg.content["arrays"])
+    manifest = _manifest(rt)
+    global_state = unpack(msg.content["arrays"], manifest)
     scalars = _scalars(context)
     out = rt.train(
         global_state, server_round=server_round, fl_config=dict(config),
@@ -120,7 +126,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update({"uniform-weight": 1, "update-norm": norm, "server-round": server_round})
     metrics = faults.corrupt_train_metrics(cfg, node.partition_id, metrics)
     log.info("round %d partition %d: %d steps, loss %.4f, %.1fs", server_round, node.partition_id, metrics["local-steps"], out.metrics["train-loss"], metrics["train-seconds"])
-    return Message(RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics), "client": identity(rt, node, cfg)}), reply_to=msg)
+    arrays = faults.corrupt_record(cfg, node.partition_id, pack(state, manifest))
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "client": identity(rt, node, cfg)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -129,7 +136,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, node = _setup(context)
     config = msg.content["config"]
     rt = ClientRuntime.create(cfg, node)
-    rt.method.load_trainable_state(from_record(msg.content["arrays"]))
+    rt.method.load_trainable_state(unpack(msg.content["arrays"], _manifest(rt)))
     splits = ["test"] if rt.data.role == "unseen" else cfg.eval.split_list()
     ts_mode = str(config.get("ts-mode", "none"))
     global_t = float(config.get("temperature", 1.0))
@@ -173,7 +180,7 @@ def query(msg: Message, context: Context) -> Message:
         return Message(RecordDict({"client": record}), reply_to=msg)
     if action == "nll-grid":
         rt = ClientRuntime.create(cfg, node)
-        rt.method.load_trainable_state(from_record(msg.content["arrays"]))
+        rt.method.load_trainable_state(unpack(msg.content["arrays"], _manifest(rt)))
         temps = [float(t) for t in config["temperatures"]]
         logits, labels = rt.logits(cfg.eval.ts_split) if rt.data.role == "seen" else (torch.zeros(0, len(rt.data.class_names)), torch.zeros(0, dtype=torch.long))
         sums = nll_at_temperatures(logits, labels, temps) if len(labels) else [0.0] * len(temps)

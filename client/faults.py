@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from common.config import RunConfig
 
 log = logging.getLogger("fedcal.client")
-TRAIN_STATE = {"nan", "shape", "extra-key", "huge", "crash"}
+TRAIN_STATE = {"nan", "huge", "crash"}
+TRAIN_RECORD = {"shape", "extra-key"}
 
 
 def corrupt_state(cfg: RunConfig, partition_id: int, state: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -33,16 +35,29 @@ def corrupt_state(cfg: RunConfig, partition_id: int, state: dict[str, torch.Tens
     bad = dict(state)
     if mode == "nan":
         bad[key] = state[key].clone().fill_(float("nan"))
-    elif mode == "shape":
-        bad[key] = torch.cat([state[key], state[key][:1]], dim=0)
-    elif mode == "extra-key":
-        bad["fault.injected"] = torch.zeros(3)
     elif mode == "huge":
         bad = {k: global_state[k] + cfg.fault.huge_scale * (v - global_state[k] + 1e-3) for k, v in state.items()}
     elif mode == "crash":
         raise RuntimeError("fault injection: client crashed on purpose (fault.mode=crash)")
     log.warning("fault injection: partition %d sends a %s update", partition_id, mode)
     return bad
+
+
+def corrupt_record(cfg: RunConfig, partition_id: int, record):
+    """Forge the packed arrays themselves: one value too many (shape), or an extra array (extra-key)."""
+    from flwr.app import Array
+
+    mode = cfg.fault.mode_for(partition_id)
+    if mode not in TRAIN_RECORD:
+        return record
+    key = next(iter(record.keys()))
+    if mode == "shape":
+        flat = record[key].numpy()
+        record[key] = Array(np.concatenate([flat, flat[:1]]))
+    else:
+        record["fault.injected"] = Array(np.zeros(3, dtype=np.float32))
+    log.warning("fault injection: partition %d sends a %s update", partition_id, mode)
+    return record
 
 
 def corrupt_train_metrics(cfg: RunConfig, partition_id: int, metrics: dict) -> dict:

@@ -1,20 +1,143 @@
-"""The trainable state on the wire: ArrayRecord conversion, sizes and the update norm.
+"""The trainable state on the wire: one contiguous array per dtype, described by a manifest.
 
-Only the trainable tensors travel (fp32: Flower's ArrayRecord rejects bfloat16). What the server
-accepts of a reply is decided in one place, server/validation.py.
+A trainable state is a flat ``dict[str, Tensor]`` (144 tensors for FL²oRA's LoRA). Sent tensor by
+tensor, Flower ships one object per tensor, each with its own id, header and request. fedcal sends
+instead one flat array per dtype (all fp32 today: Flower's ArrayRecord rejects bfloat16) under the
+key ``packed-<dtype>-<digest>``, where ``<digest>`` is the hash of the :class:`Manifest` (every
+key, shape and dtype, in order). Both sides derive the manifest from their own trainable tensors
+and check the digest in the key before they use a byte: a node built with another model or method
+configuration is refused in one line, not silently mis-sliced. The server decodes each reply once
+(server/validation.py decides what it accepts). Flower's aggregators work element-wise (or on
+whole-vector distances), so they aggregate the packed vector exactly as they would the tensors.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+PACKED_PREFIX = "packed-"
+
+
+class ManifestError(ValueError):
+    """Arrays that do not match the manifest both sides agreed on; ``str(err)`` is one line."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Keys, shapes and dtypes of a trainable state, in order; the wire layout derives from it."""
+
+    entries: tuple[tuple[str, tuple[int, ...], str], ...]
+
+    @classmethod
+    def of(cls, tensors: Iterable[tuple[str, torch.Tensor | np.ndarray]]) -> Manifest:
+        """From (name, tensor) pairs; only shapes are read (no copy). Every tensor travels as fp32."""
+        return cls(tuple((k, tuple(int(d) for d in v.shape), "float32") for k, v in tensors))
+
+    @cached_property
+    def digest(self) -> str:
+        text = json.dumps([[k, list(s), d] for k, s, d in self.entries], separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @cached_property
+    def groups(self) -> dict[str, list[tuple[str, tuple[int, ...], int]]]:
+        """Per dtype: (key, shape, numel) in order."""
+        out: dict[str, list[tuple[str, tuple[int, ...], int]]] = {}
+        for k, s, d in self.entries:
+            out.setdefault(d, []).append((k, s, math.prod(s)))
+        return out
+
+    def array_key(self, dtype: str) -> str:
+        return f"{PACKED_PREFIX}{dtype}-{self.digest}"
+
+    def array_keys(self) -> dict[str, str]:
+        """Wire key -> dtype."""
+        return {self.array_key(d): d for d in self.groups}
+
+    def numel(self, dtype: str) -> int:
+        return sum(n for _, _, n in self.groups[dtype])
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for k, _, _ in self.entries]
+
+    def describe_difference(self, other: Manifest) -> str:
+        """The first entry where two manifests differ, for a one-line error."""
+        for a, b in zip(self.entries, other.entries, strict=False):
+            if a != b:
+                return f"{a[0]!r} {a[1]} here vs {b[0]!r} {b[1]} there"
+        return f"{len(self.entries)} tensors here vs {len(other.entries)} there"
+
+    def to_json(self) -> str:
+        return json.dumps([[k, list(s), d] for k, s, d in self.entries], separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        return cls(tuple((str(k), tuple(int(x) for x in s), str(d)) for k, s, d in json.loads(text)))
+
+
+def pack(state: dict[str, torch.Tensor], manifest: Manifest | None = None) -> ArrayRecord:
+    """The state as one flat array per dtype (``manifest`` defaults to the state's own)."""
+    manifest = manifest or Manifest.of(state.items())
+    record = ArrayRecord()
+    for dtype, group in manifest.groups.items():
+        flat = np.empty(manifest.numel(dtype), dtype=np.dtype(dtype))
+        pos = 0
+        for key, shape, n in group:
+            value = state[key]
+            if tuple(value.shape) != shape:
+                raise ManifestError(f"tensor {key!r} has shape {tuple(value.shape)}, the manifest says {shape}")
+            flat[pos : pos + n] = value.detach().to("cpu", torch.float32).reshape(-1).numpy()
+            pos += n
+        record[manifest.array_key(dtype)] = Array(flat)
+    return record
+
+
+def flat_arrays(record: ArrayRecord, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The decoded flat arrays (dtype -> vector) of a packed record, checked against ``manifest``."""
+    expected = manifest.array_keys()
+    got = list(record.keys())
+    if set(got) != set(expected):
+        theirs = next((k for k in got if k.startswith(PACKED_PREFIX)), None)
+        if theirs and theirs not in expected:
+            raise ManifestError(f"the arrays were packed for another manifest ({theirs}, expected {next(iter(expected))}): "
+                                "both sides must build the same model and method (model.*, method.*)")
+        raise ManifestError(f"arrays {sorted(got)} do not match the manifest's {sorted(expected)}")
+    out = {}
+    for key, dtype in expected.items():
+        arr = record[key].numpy()
+        if arr.dtype != np.dtype(dtype) or arr.shape != (manifest.numel(dtype),):
+            raise ManifestError(f"{key!r} is a {arr.dtype} array of shape {arr.shape}, the manifest says {dtype} ({manifest.numel(dtype)},)")
+        out[dtype] = arr
+    return out
+
+
+def unflatten(flats: dict[str, np.ndarray], manifest: Manifest) -> dict[str, torch.Tensor]:
+    """Tensors (fp32 CPU, owning their memory) from decoded flat arrays, in manifest order."""
+    pieces: dict[str, torch.Tensor] = {}
+    for dtype, group in manifest.groups.items():
+        flat = torch.from_numpy(np.array(flats[dtype], copy=True))
+        pos = 0
+        for key, shape, n in group:
+            pieces[key] = flat[pos : pos + n].view(shape)
+            pos += n
+    return {k: pieces[k] for k in manifest.keys}
+
+
+def unpack(record: ArrayRecord, manifest: Manifest) -> dict[str, torch.Tensor]:
+    return unflatten(flat_arrays(record, manifest), manifest)
+
 
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    """A trainable state (fp32 CPU tensors) as a Flower ArrayRecord, keys in order."""
+    """Tensor by tensor (kept for what stays on one machine: a client's persisted context.state)."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().to("cpu", torch.float32).numpy())) for k, v in state.items()})
 
 

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, RunConfig, from_flower
 from common.hub import HubUnavailable
-from common.tensors import from_record, to_record
+from common.tensors import Manifest, pack, unpack
 
 from . import checkpoint, report
 from .ledger import Ledger, totals_from_rows
@@ -119,7 +119,9 @@ def _run_in(run: RunDirectory, cfg: RunConfig, grid: Grid) -> dict:
         if ckpt is not None:
             strategy.restore(ckpt)
         remaining = cfg.fl.rounds - start_round
-        final_arrays = to_record(state)
+        manifest = Manifest.of(state.items())
+        strategy.manifest = manifest
+        final_arrays = pack(state, manifest)
         t0 = time.monotonic()
         if remaining > 0:
             result = strategy.start(
@@ -133,7 +135,7 @@ def _run_in(run: RunDirectory, cfg: RunConfig, grid: Grid) -> dict:
             log.info("run %s already completed %d rounds", run.name, start_round)
         if strategy.tb is not None:
             strategy.tb.close()
-        final_state = from_record(final_arrays)
+        final_state = unpack(final_arrays, manifest)
         checkpoint.save_final(run.path, cfg.fl.rounds, final_state, {"temperature": strategy.temperature, "best": strategy.best, "sizes": sizes})
         summary = report.build(run.path, extra={"sizes": sizes, "best": strategy.best, "wall_seconds": time.monotonic() - t0},
                                diagrams=cfg.eval.diagrams)

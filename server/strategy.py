@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAdagrad,
@@ -43,7 +44,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import RunConfig
-from common.tensors import from_record, record_nbytes
+from common.tensors import Manifest, from_record, record_nbytes, unpack
 
 from . import checkpoint
 from .aggregators import FedDyn, FedNova
@@ -84,6 +85,7 @@ class FedCalMixin:
         self.cfg, self.run, self.registry, self.monitor = cfg, run, registry, monitor
         self.round_offset = round_offset
         self.reference: dict[str, np.ndarray] = {}
+        self.manifest: Manifest | None = None  # the packed wire layout of the global state (set by the ServerApp)
         self.sampled: dict[str, set[int]] = {"train": set(), "evaluate": set()}
         self.eval_ts_mode = "none"
         self.tb: TensorBoardLog | None = None
@@ -168,6 +170,8 @@ class FedCalMixin:
         self.ledger.flush()
         self.reference = {k: v.numpy() for k, v in arrays.items()}
         config["run-name"] = self.run.name
+        if self.manifest is not None:  # lets a node with another layout say which tensor differs
+            config["manifest"] = self.manifest.to_json()
         seen = self.registry.seen(grid.get_node_ids())
         view = GridView(grid, seen, minimum=self.min_train_nodes, timeout=self.cfg.fl.node_wait_timeout)
         messages = self._sample(lambda: super(FedCalMixin, self).configure_train(rnd, arrays, config, view), rnd)
@@ -319,7 +323,7 @@ class FedCalMixin:
         self._safely("rounds.csv and curves", write_round_outputs, self.run.path)
         self._safely("TensorBoard", self._tensorboard, rnd, round_row)
         try:
-            checkpoint.save(self.run.path, rnd, from_record(arrays), self.strategy_arrays(), self.meta(rnd), keep_rounds=self.cfg.output.keep_round_checkpoints)
+            checkpoint.save(self.run.path, rnd, self.tensors(arrays), self.strategy_arrays(), self.meta(rnd), keep_rounds=self.cfg.output.keep_round_checkpoints)
         except OSError as err:  # e.g. a full disk: the run goes on, the next round tries again
             log.error("round %d: cannot write the checkpoint in %s (%s); the previous checkpoint stays in place", rnd, self.run.path / "checkpoints", err)
         self._safely("monitoring", self.monitor.round_done, rnd, seconds, sent, received)
@@ -356,6 +360,10 @@ class FedCalMixin:
         return " | ".join(parts)
 
     # ------------------------------------------------------------------ strategy state for checkpoints
+    def tensors(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The global state tensor by tensor (packed on the wire: unpacked by the manifest)."""
+        return unpack(arrays, self.manifest) if self.manifest is not None else from_record(arrays)
+
     def strategy_arrays(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for name in _STATE_DICTS:
