@@ -4,7 +4,7 @@ A trainable state is a flat ``dict[str, Tensor]`` (144 tensors for FL²oRA's LoR
 tensor, Flower ships one object per tensor, each with its own id, header and request. fedcal sends
 instead one flat array per dtype (all fp32 today: Flower's ArrayRecord rejects bfloat16) under the
 key ``packed-<dtype>-<digest>``, where ``<digest>`` is the hash of the :class:`Manifest` (every
-key, shape and dtype, in order). Both sides derive the manifest from their own trainable tensors
+key, shape and dtype, sorted by key). Both sides derive the manifest from their own trainable tensors
 and check the digest in the key before they use a byte: a node built with another model or method
 configuration is refused in one line, not silently mis-sliced. The server decodes each reply once
 (server/validation.py decides what it accepts). Flower's aggregators work element-wise (or on
@@ -39,8 +39,10 @@ class Manifest:
 
     @classmethod
     def of(cls, tensors: Iterable[tuple[str, torch.Tensor | np.ndarray]]) -> Manifest:
-        """From (name, tensor) pairs; only shapes are read (no copy). Every tensor travels as fp32."""
-        return cls(tuple((k, tuple(int(d) for d in v.shape), "float32") for k, v in tensors))
+        """From (name, tensor) pairs; only shapes are read (no copy). Every tensor travels as fp32.
+        Entries are sorted by name: the layout does not depend on the order a dict or a checkpoint
+        file happens to list the tensors in (a resumed server reads them back sorted)."""
+        return cls(tuple(sorted((k, tuple(int(d) for d in v.shape), "float32") for k, v in tensors)))
 
     @cached_property
     def digest(self) -> str:
