@@ -1,10 +1,11 @@
-"""The ClientApp (Flower 1.42 Message API).
+"""The ClientApp (Flower 1.42 Message API): a thin relay to the node's warm worker, or in-process.
 
 Messages and replies (record names in quotes):
 
-- ``train``: "arrays" (global trainable state) + "config" (server-round, proximal-mu, feddyn-alpha)
-  -> "arrays" (new trainable state), "metrics" (num-examples, uniform-weight, train loss terms,
-  local-steps, train-seconds, fednova-a, update-norm), "client" (identity).
+- ``train``: "arrays" (the global trainable state, packed: common/tensors.py) + "config"
+  (server-round, proximal-mu, feddyn-alpha, manifest) -> "arrays" (the new trainable state,
+  packed), "metrics" (num-examples, uniform-weight, train loss terms, local-steps, train-seconds,
+  fednova-a, update-norm), "client" (identity).
 - ``evaluate``: "arrays" + "config" (server-round, temperature, ts-mode)
   -> "metrics" (exact calibration sums per split, before and after temperature scaling, adaptive
   ECE, num-examples), "client" (identity).
@@ -12,178 +13,128 @@ Messages and replies (record names in quotes):
   names); action ``nll-grid`` + "arrays" + config temperatures -> "metrics" (NLL sums at each
   candidate temperature on eval.ts_split, for federated temperature scaling).
 
-State that must outlive a process lives in ``context.state``: the CaRot EMA teacher and step
-counter, the FedDyn gradient state, and the personal temperature. Errors a user can fix come back
-to the server as one-line error replies.
+What is computed lives in client/handlers.py and works on plain data. When the node runs a warm
+worker (``fedcal worker``; node-config ``worker-socket``), this process only converts the message
+to a request, relays it over the worker's Unix socket and converts the response back: it imports
+neither torch nor CLIP. Without a worker (simulation, or none started) it computes in-process,
+keeping built runtimes in the process (``runtime.cache_size``: a simulation's Ray actors serve
+many messages). A worker that is not running is logged and the message computed in-process; one
+that dies or hangs mid-message is a one-line error reply after at most ``runtime.worker_timeout``.
+
+State that must outlive a process lives in ``context.state`` and travels with every request: the
+CaRot EMA teacher and step counter, the FedDyn gradient state, the personal temperature. Errors a
+user can fix come back to the server as one-line error replies.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import traceback
 
 import numpy as np
-import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
-from common.calibration import fit_temperature, nll_at_temperatures
-from common.config import ConfigError, RunConfig, from_flower, parse_node_config
-from common.data import DataError, load_client_data
-from common.hub import HubUnavailable
-from common.methods import StateError
-from common.tensors import Manifest, from_record, pack, to_record, unpack
-
-from . import faults
-from .runtime import ClientRuntime
+from . import relay
+from .relay import ERROR_CODE_INTERNAL, Request, Response
 
 log = logging.getLogger("fedcal.client")
 app = ClientApp()
 
-USER_ERRORS = (ConfigError, DataError, HubUnavailable, StateError, FloatingPointError)
-ERROR_CODE_USER = 100  # Flower reserves small codes; ours say "fix the configuration or data"
-ERROR_CODE_INTERNAL = 101
+STATE_ARRAYS = ("carot-teacher", "feddyn-grad")  # per-client tensors kept in context.state
+STATE_SCALARS = "fedcal"  # carot-step, temperature
 
 
-def one_line_errors(handler):
-    """Reply with a one-line Error instead of a traceback; log the full traceback locally."""
+# ------------------------------------------------------------------ message <-> plain data
+def _state_in(context: Context) -> dict:
+    state: dict = {}
+    for key in STATE_ARRAYS:
+        if key in context.state.array_records:
+            state[key] = {k: a.numpy() for k, a in context.state[key].items()}
+    if STATE_SCALARS in context.state.config_records:
+        state["scalars"] = dict(context.state[STATE_SCALARS])
+    return state
 
-    @functools.wraps(handler)
-    def wrapper(msg: Message, context: Context) -> Message:
+
+def _state_out(context: Context, state: dict) -> None:
+    for key in STATE_ARRAYS:
+        if state.get(key) is not None:
+            context.state[key] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state[key].items()})
+    if "scalars" in state:
+        context.state[STATE_SCALARS] = ConfigRecord(dict(state["scalars"]))
+
+
+def request_of(kind: str, msg: Message, context: Context) -> Request:
+    content = msg.content
+    config = dict(content["config"]) if "config" in content.config_records else {}
+    arrays = {k: a.numpy() for k, a in content["arrays"].items()} if "arrays" in content.array_records else None
+    return Request(kind, dict(context.run_config), dict(context.node_config), config, arrays, _state_in(context))
+
+
+def reply_of(resp: Response, msg: Message, context: Context) -> Message:
+    if resp.error is not None:
+        return Message(Error(code=resp.error[0], reason=resp.error[1]), reply_to=msg)
+    _state_out(context, resp.state)
+    records: dict = {}
+    if resp.arrays is not None:
+        records["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in resp.arrays.items()})
+    if resp.metrics is not None:
+        records["metrics"] = MetricRecord(resp.metrics)
+    if resp.client is not None:
+        records["client"] = ConfigRecord(resp.client)
+    return Message(RecordDict(records), reply_to=msg)
+
+
+# ------------------------------------------------------------------ relay or compute
+def _worker_timeout(req: Request) -> float:
+    return float(req.run_config.get("runtime.worker_timeout", 3600.0))
+
+
+def compute(req: Request) -> Response:
+    """The response to ``req``: from the node's warm worker when one is configured and running,
+    else computed in this process (client/handlers.py)."""
+    path = req.node_config.get("worker-socket")
+    if path:
         try:
-            return handler(msg, context)
-        except USER_ERRORS as err:
-            reason = f"partition {context.node_config.get('partition-id', '?')}: {err}"
-            log.error(reason)
-            return Message(Error(code=ERROR_CODE_USER, reason=reason), reply_to=msg)
-        except Exception as err:
-            log.error("client failed:\n%s", traceback.format_exc())
-            first = str(err).splitlines()[0] if str(err) else ""
-            reason = f"partition {context.node_config.get('partition-id', '?')}: {type(err).__name__}: {first}"
-            return Message(Error(code=ERROR_CODE_INTERNAL, reason=reason), reply_to=msg)
+            return relay.call(str(path), req, _worker_timeout(req))
+        except relay.WorkerUnavailable as err:
+            log.warning("%s: computing in this process (start `fedcal worker --socket %s` to keep the node warm)", err, path)
+        except relay.WorkerFailed as err:
+            return Response(state=req.state, error=(ERROR_CODE_INTERNAL, f"partition {req.node_config.get('partition-id', '?')}: {err}"))
+    from .handlers import handle  # torch, CLIP and the data stack: only where computed
 
-    return wrapper
+    return handle(req)
 
 
-def _setup(context: Context) -> tuple[RunConfig, object]:
-    return from_flower(dict(context.run_config)), parse_node_config(dict(context.node_config))
+def serve(kind: str, msg: Message, context: Context) -> Message:
+    try:
+        return reply_of(compute(request_of(kind, msg, context)), msg, context)
+    except Exception as err:  # noqa: BLE001 - a malformed message is an error reply, never a crash
+        log.error("client failed:\n%s", traceback.format_exc())
+        reason = f"partition {context.node_config.get('partition-id', '?')}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        return Message(Error(code=ERROR_CODE_INTERNAL, reason=reason), reply_to=msg)
 
 
-def identity(rt_or_data, node, cfg: RunConfig | None = None) -> ConfigRecord:
-    """The node's identity; the server takes it from here only at join (an echo elsewhere)."""
-    data = getattr(rt_or_data, "data", rt_or_data)
-    record = {"partition-id": int(node.partition_id), "num-partitions": int(node.num_partitions), "domain": data.domain, "role": data.role}
-    return ConfigRecord(faults.corrupt_identity(cfg, node.partition_id, record) if cfg else record)
-
-
-def _manifest(rt) -> Manifest:
-    """This node's manifest of the trainable state; the server's packed arrays must carry its digest."""
-    return Manifest.of(rt.method.trainable_named_parameters())
-
-
-# ------------------------------------------------------------------ persisted client state
-def _load_arrays(context: Context, key: str) -> dict[str, torch.Tensor] | None:
-    return from_record(context.state[key]) if key in context.state.array_records else None
-
-
-def _save_arrays(context: Context, key: str, state: dict[str, torch.Tensor] | None) -> None:
-    if state is not None:
-        context.state[key] = to_record(state)
-
-
-def _scalars(context: Context) -> ConfigRecord:
-    if "fedcal" not in context.state.config_records:
-        context.state["fedcal"] = ConfigRecord({"carot-step": 0, "temperature": 1.0})
-    return context.state["fedcal"]
-
-
-# ------------------------------------------------------------------ handlers
 @app.train()
-@one_line_errors
 def train(msg: Message, context: Context) -> Message:
-    cfg, node = _setup(context)
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
-    rt = ClientRuntime.create(cfg, node)
-    if rt.data.role == "unseen":
-        raise ConfigError(f"partition {node.partition_id} is a held-out (unseen) client and must not be sampled for training")
-    manifest = _manifest(rt)
-    global_state = unpack(msg.content["arrays"], manifest)
-    scalars = _scalars(context)
-    out = rt.train(
-        global_state, server_round=server_round, fl_config=dict(config),
-        teacher=_load_arrays(context, "carot-teacher"), carot_step=int(scalars["carot-step"]),
-        feddyn_grad=_load_arrays(context, "feddyn-grad") if float(config.get("feddyn-alpha", 0.0)) > 0 else None,
-    )
-    _save_arrays(context, "carot-teacher", out.teacher)
-    _save_arrays(context, "feddyn-grad", out.feddyn_grad)
-    scalars["carot-step"] = int(out.carot_step)
-    state = faults.corrupt_state(cfg, node.partition_id, out.state, global_state)
-    norm = float(np.sqrt(sum(float(((state[k] - global_state[k]) ** 2).sum()) for k in global_state if k in state and state[k].shape == global_state[k].shape)))
-    metrics = {k: (int(v) if isinstance(v, (bool, np.integer)) else v) for k, v in out.metrics.items()}
-    metrics.update({"uniform-weight": 1, "update-norm": norm, "server-round": server_round})
-    metrics = faults.corrupt_train_metrics(cfg, node.partition_id, metrics)
-    log.info("round %d partition %d: %d steps, loss %.4f, %.1fs", server_round, node.partition_id, metrics["local-steps"], out.metrics["train-loss"], metrics["train-seconds"])
-    arrays = faults.corrupt_record(cfg, node.partition_id, pack(state, manifest))
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "client": identity(rt, node, cfg)}), reply_to=msg)
+    return serve("train", msg, context)
 
 
 @app.evaluate()
-@one_line_errors
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, node = _setup(context)
-    config = msg.content["config"]
-    rt = ClientRuntime.create(cfg, node)
-    rt.method.load_trainable_state(unpack(msg.content["arrays"], _manifest(rt)))
-    splits = ["test"] if rt.data.role == "unseen" else cfg.eval.split_list()
-    ts_mode = str(config.get("ts-mode", "none"))
-    global_t = float(config.get("temperature", 1.0))
-    scalars = _scalars(context)
-    metrics: dict = {"num-examples": 0}
-    logits_cache = {split: rt.logits(split) for split in set(splits)}
-    temperature = None
-    if ts_mode == "per-client" and rt.data.role == "seen":
-        logits, labels = logits_cache.get(cfg.eval.ts_split) or rt.logits(cfg.eval.ts_split)
-        temperature = fit_temperature(logits, labels) if len(labels) else global_t
-        scalars["temperature"] = float(temperature)
-    elif ts_mode != "none":
-        temperature = global_t
-    from .train import evaluate_logits
-
-    for split in splits:
-        logits, labels = logits_cache[split]
-        metrics.update(evaluate_logits(split, logits, labels, cfg.eval.n_bins).metrics(f"{split}-"))
-        if temperature is not None:
-            metrics.update(evaluate_logits(split, logits, labels, cfg.eval.n_bins, temperature).metrics(f"{split}-ts-"))
-        metrics["num-examples"] += int(len(labels))
-    metrics["server-round"] = int(config.get("server-round", 0))
-    metrics = faults.corrupt_eval_metrics(cfg, node.partition_id, metrics)
-    return Message(RecordDict({"metrics": MetricRecord(metrics), "client": identity(rt, node, cfg)}), reply_to=msg)
+    return serve("evaluate", msg, context)
 
 
 @app.query()
-@one_line_errors
 def query(msg: Message, context: Context) -> Message:
-    cfg, node = _setup(context)
-    config = msg.content["config"]
-    action = str(config.get("action", "info"))
-    if action == "info":
-        data = load_client_data(cfg.data, node)
-        record = identity(data, node)
-        record.update({
-            "class-names": list(data.class_names),
-            "train-size": data.size("train"), "val-size": data.size("val"), "test-size": data.size("test"),
-            "pid": os.getpid(),
-        })
-        return Message(RecordDict({"client": record}), reply_to=msg)
-    if action == "nll-grid":
-        rt = ClientRuntime.create(cfg, node)
-        rt.method.load_trainable_state(unpack(msg.content["arrays"], _manifest(rt)))
-        temps = [float(t) for t in config["temperatures"]]
-        logits, labels = rt.logits(cfg.eval.ts_split) if rt.data.role == "seen" else (torch.zeros(0, len(rt.data.class_names)), torch.zeros(0, dtype=torch.long))
-        sums = nll_at_temperatures(logits, labels, temps) if len(labels) else [0.0] * len(temps)
-        sums, n = faults.corrupt_nll(cfg, node.partition_id, [float(s) for s in sums], int(len(labels)))
-        return Message(RecordDict({"metrics": MetricRecord({"nll-sums": sums, "num-examples": n}), "client": identity(rt, node, cfg)}), reply_to=msg)
-    raise ConfigError(f"unknown query action {action!r} (info, nll-grid)")
+    action = str(msg.content["config"].get("action", "info")) if "config" in msg.content.config_records else "info"
+    return serve(action, msg, context)

@@ -277,6 +277,11 @@ class OutputConfig(_Section):
     verbose: bool = Field(False, description="Keep Flower's own per-round log lines (sampling, metric dumps) beside fedcal's one line per round (`fedcal run --verbose`).")
 
 
+class RuntimeConfig(_Section):
+    cache_size: int = Field(2, ge=0, description="Built client runtimes (CLIP, method, partition, feature cache) a process keeps across messages, keyed by the configuration: a simulation's Ray actors and the warm worker (`fedcal worker`) reuse them; 0 = rebuild for every message.")
+    worker_timeout: float = Field(3600.0, gt=0, description="Seconds a ClientApp waits for its node's warm worker before the message fails (a hung or dead worker never hangs the ClientApp).")
+
+
 class MonitoringConfig(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics from the ServerApp.")
     host: str = Field("127.0.0.1", description="Exporter bind address; the environment variable FEDCAL_MONITORING_HOST overrides it (the containers set 0.0.0.0).")
@@ -335,6 +340,7 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     fault: FaultConfig = Field(default_factory=FaultConfig)
 
     @model_validator(mode="after")
@@ -364,6 +370,7 @@ class NodeConfig(BaseModel):
     role: Literal["auto", "seen", "unseen"] = "auto"
     device: str = ""
     cache_dir: str = Field("", alias="cache-dir")
+    worker_socket: str = Field("", alias="worker-socket")
 
     @model_validator(mode="after")
     def _range(self) -> NodeConfig:
@@ -374,7 +381,7 @@ class NodeConfig(BaseModel):
         return self
 
 
-NODE_KEYS = ("partition-id", "num-partitions", "data-dir", "role", "device", "cache-dir")
+NODE_KEYS = ("partition-id", "num-partitions", "data-dir", "role", "device", "cache-dir", "worker-socket")
 
 
 def parse_node_config(node_config: dict[str, Any]) -> NodeConfig:

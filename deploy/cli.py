@@ -611,9 +611,11 @@ def node(
     role: Annotated[str, typer.Option(help="auto, seen or unseen (held out).")] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N (overrides model.device).")] = "",
     isolation: Annotated[str, typer.Option(help="subprocess (the node runs ClientApps) or process (a flower-superexec does).")] = "subprocess",
+    warm: Annotated[bool, typer.Option("--warm/--no-warm", help="Run the node's warm worker beside flower-supernode (restarted if it dies).")] = True,
+    worker_socket: Annotated[str, typer.Option("--worker-socket", help="The warm worker's Unix socket (default: a 0700 folder under $XDG_RUNTIME_DIR or /tmp).")] = "",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and print the flower-supernode command only.")] = False,
 ) -> None:
-    """Check the inputs (address, certificate, key, node config), then run flower-supernode."""
+    """Check the inputs (address, certificate, key, node config), then run flower-supernode and the warm worker."""
 
     from deploy import preflight
     from deploy.commands import node_config_string, supernode_args
@@ -628,14 +630,33 @@ def node(
             raise preflight.PreflightError("--auth-key needs TLS: pass --root-certificates ca.crt")
         preflight.check_private_key(auth_key)
     preflight.parse_address(superlink_address)
-    extra = {"role": role if role != "auto" else "", "device": device}
+    from deploy.warm import default_socket, supervise
+
+    socket_path = (worker_socket or str(default_socket(port))) if warm else ""
+    extra = {"role": role if role != "auto" else "", "device": device, "worker_socket": socket_path}
     args = supernode_args(superlink=superlink_address, node_config=node_config_string(partition_id, num_partitions, data_dir, **extra),
                           host=host, port=port, root_certificates=root_certificates, auth_key=auth_key, isolation=isolation)
     typer.echo(" ".join(args), err=True)
     preflight.check_superlink(superlink_address, root_certificates)
     if dry_run:
         return
-    os.execvp(args[0], args)
+    if not warm:
+        os.execvp(args[0], args)
+    raise typer.Exit(supervise(args, socket_path))
+
+
+@app.command()
+def worker(
+    socket_path: Annotated[Path, typer.Option("--socket", help="Unix socket to listen on (created 0600 in a 0700 folder).")],
+    ready_file: Annotated[Path | None, typer.Option("--ready-file", help="Written once the socket listens (for scripts).")] = None,
+) -> None:
+    """The node's warm worker: keeps CLIP, the partition and the caches warm across messages (README 'Warm rounds')."""
+    import logging
+
+    from client.worker import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_worker(socket_path, ready_file=ready_file)
 
 
 @app.command()
@@ -647,6 +668,7 @@ def cluster(
     node_port: Annotated[int, typer.Option("--node-port", help="First SuperNode runtime API port.")] = 9094,
     tls: Annotated[bool, typer.Option("--tls", help="TLS + SuperNode authentication (creates and registers keys).")] = False,
     work_dir: Annotated[Path, typer.Option("--work-dir", help="State, certificates and logs.")] = Path(".fedcal-cluster"),
+    warm: Annotated[bool, typer.Option("--warm/--no-warm", help="One warm worker per SuperNode (README 'Warm rounds').")] = True,
 ) -> None:
     """Start a local deployment (SuperLink + N SuperNodes, real processes) until Ctrl-C."""
     import time
@@ -655,8 +677,8 @@ def cluster(
 
     if not data_dir:
         raise typer.BadParameter("pass --data-dir, the image folder every SuperNode reads (e.g. pacs-mini)")
-    c = start_cluster(work_dir, supernodes, data_dir, port=port, node_port=node_port, tls=tls)
-    typer.echo(f"SuperLink {c.address} ({'TLS + SuperNode auth' if tls else 'insecure'}) and {supernodes} SuperNodes are up; logs in {work_dir}/logs")
+    c = start_cluster(work_dir, supernodes, data_dir, port=port, node_port=node_port, tls=tls, warm=warm)
+    typer.echo(f"SuperLink {c.address} ({'TLS + SuperNode auth' if tls else 'insecure'}) and {supernodes} SuperNodes{' with warm workers' if warm else ''} are up; logs in {work_dir}/logs")
     typer.echo(f"submit a run:  flwr run . {c.connection} --stream --run-config configs/offline-smoke.toml")
     typer.echo("Ctrl-C stops everything.")
     try:

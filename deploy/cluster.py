@@ -10,7 +10,8 @@ starts the SuperLink with TLS and ``--enable-supernode-auth`` and registers ever
 
     flwr run . fedcal-local --stream --run-config configs/offline-smoke.toml
 
-submits a run. Logs are in ``<work-dir>/logs/``.
+submits a run. With ``warm`` every SuperNode gets a warm worker (``worker-<i>``, its socket in a
+per-user 0700 folder under /tmp) that its ClientApps relay to (deploy/warm.py). Logs are in ``<work-dir>/logs/``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from . import certs, preflight
 from .commands import TLSFiles, node_config_string, superlink_args, supernode_args
+from .warm import cluster_socket, wait_socket, worker_args
 
 
 def flwr_home(env: dict[str, str] | None = None) -> Path:
@@ -141,6 +143,7 @@ def start_cluster(
     env: dict[str, str] | None = None,
     connection: str | None = None,
     node_extra: dict[int, dict[str, str]] | None = None,
+    warm: bool = False,
 ) -> Cluster:
     """Start a SuperLink and ``supernodes`` SuperNodes on 127.0.0.1; returns when all are up."""
     work_dir = Path(work_dir).resolve()
@@ -170,7 +173,12 @@ def start_cluster(
                 res = cluster.flwr("supernode", "register", str(key) + ".pub", connection, timeout=120)
                 if res.returncode != 0:
                     raise RuntimeError(f"flwr supernode register failed for supernode-{i}: {(res.stdout + res.stderr).strip()[-500:]}")
-            args = supernode_args(superlink=address, node_config=node_config_string(i, supernodes, data_dir, **(node_extra or {}).get(i, {})),
+            extra = dict((node_extra or {}).get(i, {}))
+            if warm:  # the node's warm worker first: its ClientApps relay to it
+                sock = cluster_socket(work_dir, i)
+                wait_socket(sock, cluster.start(f"worker-{i}", worker_args(sock)))
+                extra["worker_socket"] = str(sock)
+            args = supernode_args(superlink=address, node_config=node_config_string(i, supernodes, data_dir, **extra),
                                   port=node_port + i, root_certificates=tls_files.ca if tls_files else None, auth_key=key)
             proc = cluster.start(f"supernode-{i}", args)
             cluster.node_ports.append(node_port + i)

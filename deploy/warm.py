@@ -1,0 +1,73 @@
+"""Starting and supervising a node's warm worker (client/worker.py) beside its SuperNode.
+
+``fedcal node`` runs flower-supernode and ``fedcal worker`` side by side: the SuperNode's node config
+names the worker's socket (``worker-socket``), a worker that dies is restarted (its ClientApps
+compute in-process meanwhile), and stopping the node stops both. ``fedcal cluster`` starts one
+worker per SuperNode the same way (deploy/cluster.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def default_socket(node_port: int) -> Path:
+    """A per-user 0700 folder (``$XDG_RUNTIME_DIR/fedcal`` or ``/tmp/fedcal-<uid>``), one socket per node port."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    folder = base / ("fedcal" if os.environ.get("XDG_RUNTIME_DIR") else f"fedcal-{os.getuid()}")
+    return folder / f"worker-{node_port}.sock"
+
+
+def cluster_socket(work_dir: str | Path, index: int) -> Path:
+    """A short socket path for node ``index`` of a cluster (a Unix socket path must stay under 108 bytes)."""
+    import hashlib
+
+    tag = hashlib.sha1(str(Path(work_dir).resolve()).encode()).hexdigest()[:10]
+    return default_socket(0).parent / f"{tag}-{index}.sock"
+
+
+def worker_args(socket_path: str | Path) -> list[str]:
+    return [sys.executable, "-m", "deploy.cli", "worker", "--socket", str(socket_path)]
+
+
+def wait_socket(path: str | Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not Path(path).is_socket():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the warm worker exited with status {proc.returncode} before listening on {path}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the warm worker did not listen on {path} within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def supervise(supernode: list[str], socket_path: str, poll: float = 1.0) -> int:
+    """Run the SuperNode and the worker until the SuperNode exits or a signal arrives; restart the worker if it dies."""
+    cwd = Path(__file__).resolve().parents[1]
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+    worker = subprocess.Popen(worker_args(socket_path), cwd=cwd)
+    wait_socket(socket_path, worker)
+    node = subprocess.Popen(supernode)
+    try:
+        while not stop["now"] and node.poll() is None:
+            if worker.poll() is not None:
+                print(f"fedcal node: the warm worker exited ({worker.returncode}); restarting it", file=sys.stderr)
+                worker = subprocess.Popen(worker_args(socket_path), cwd=cwd)
+            time.sleep(poll)
+    finally:
+        for proc in (node, worker):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in (node, worker):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return node.returncode or 0
