@@ -18,6 +18,11 @@ from pathlib import Path
 log = logging.getLogger("fedcal.worker")
 
 
+def _handle(handlers, req):
+    log.info("handling %s message (round %s) for partition %s", req.kind, req.config.get("server-round", "-"), req.node_config.get("partition-id", "?"))
+    return handlers.handle(req, handlers.PROCESS_RUNTIMES)
+
+
 def run_worker(socket_path: str | Path, *, ready_file: str | Path | None = None) -> None:
     """Serve until SIGTERM / SIGINT; imports and caches stay warm between messages."""
     from . import handlers, relay
@@ -34,7 +39,7 @@ def run_worker(socket_path: str | Path, *, ready_file: str | Path | None = None)
     if ready_file:
         Path(ready_file).write_text(str(socket_path))
     try:
-        relay.serve(sock, lambda req: handlers.handle(req, handlers.PROCESS_RUNTIMES), lambda: stop["now"])
+        relay.serve(sock, lambda req: _handle(handlers, req), lambda: stop["now"])
     finally:
         sock.close()
         Path(socket_path).unlink(missing_ok=True)

@@ -1,0 +1,214 @@
+"""P2 and P4: what a client round costs cold, warm, and as deployed.
+
+P2 - one client round (an evaluate message then a train message, FedCLIP's adapter or the linear
+head on ViT-B-32 loaded from a local checkpoint file) as a deployed node computes it:
+  cold    = a fresh process per message (what Flower does without a warm worker), no feature cache;
+  warm    = the node's warm worker (`fedcal worker`) with a warm feature cache, over its socket.
+Printed: seconds per round and cold / warm.
+
+P4 - a deployed run (real flower-superlink + flower-supernodes on loopback, LoRA ViT-B-32 from the
+checkpoint file, 2 clients, `fl.rounds` rounds) with warm workers and without, against the same
+local work (every client's train + evaluate of every round) in one bare process. Printed: seconds
+per round from the run's records, the ratios, and fedcal's own per-message overhead (relay +
+request/reply conversion) measured in the warm worker's round trips.
+
+    python bench/bench_warm.py p2 [--method adapter|linear] [--images 128]
+    python bench/bench_warm.py p4 [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _util import DATA, ROOT, torch
+
+BIN = Path(sys.executable).parent
+
+
+def checkpoint_file(arch: str, folder: Path) -> Path:
+    """A ViT checkpoint file (random weights: the cost does not depend on them) standing in for the weights cache."""
+    import open_clip
+
+    path = folder / f"{arch}.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        torch.save(open_clip.create_model(arch, pretrained=None).state_dict(), path)
+    return path
+
+
+def run_config(ckpt: Path, arch: str, method: str, cache: Path, images: int, **extra) -> dict:
+    from common import config
+
+    return config.load(None, model__name=arch, model__pretrained=str(ckpt), method__name=method, data__path=str(DATA),
+                       data__partitioner="iid", data__max_per_client=images, data__cache_dir=str(cache), optim__local_epochs=1,
+                       optim__batch_size=32, eval__splits="test", **extra).flat()
+
+
+def requests(flat: dict, node: dict, rnd: int):
+    from client.handlers import manifest_of
+    from client.relay import Request
+    from client.runtime import ClientRuntime
+    from common import config
+    from common.tensors import pack
+
+    rt = ClientRuntime.create(config.from_flat(flat), config.parse_node_config(node))
+    arrays = {k: a.numpy() for k, a in pack(rt.method.trainable_state(), manifest_of(rt)).items()}
+    return [Request("evaluate", flat, node, {"server-round": rnd, "ts-mode": "none"}, arrays),
+            Request("train", flat, node, {"server-round": rnd}, arrays)]
+
+
+COLD = """
+import pickle, sys
+from client.handlers import handle
+req = pickle.load(open(sys.argv[1], "rb"))
+resp = handle(req)
+assert resp.error is None, resp.error
+"""
+
+
+def cold_round(reqs, tmp: Path) -> float:
+    import pickle
+
+    t = time.perf_counter()
+    for i, req in enumerate(reqs):
+        path = tmp / f"req-{i}.pkl"
+        path.write_bytes(pickle.dumps(req))
+        subprocess.run([sys.executable, "-c", COLD, str(path)], cwd=ROOT, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def warm_round(sock: Path, reqs) -> tuple[float, float]:
+    """(round seconds through the warm worker, 0)."""
+    from client import relay
+
+    t = time.perf_counter()
+    for req in reqs:
+        resp = relay.call(sock, req, timeout=3600)
+        assert resp.error is None, resp.error
+    return time.perf_counter() - t, 0.0
+
+
+def relay_overhead(sock: Path, flat: dict, node: dict) -> float:
+    import numpy as np
+
+    from client import relay
+    from client.relay import Request
+
+    arrays = {"packed-float32-x": np.zeros(184_320, np.float32)}  # FL²oRA's LoRA on ViT-B-16
+    times = []
+    for _ in range(20):
+        t = time.perf_counter()
+        resp = relay.call(sock, Request("no-op", flat, node, {}, arrays), timeout=60)  # answered with an error, nothing computed
+        times.append(time.perf_counter() - t)
+        assert resp.error is not None
+    return sorted(times)[len(times) // 2]
+
+
+def p2(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="fedcal-p2-"))
+    ckpt = checkpoint_file(args.model, tmp)
+    node = {"partition-id": 0, "num-partitions": 1}
+    cold_cfg = run_config(ckpt, args.model, args.method, tmp / "nocache", args.images, data__feature_cache=False)
+    warm_cfg = run_config(ckpt, args.model, args.method, tmp / "cache", args.images)
+    cold = [cold_round(requests(cold_cfg, node, r), tmp) for r in (1, 2)]
+    sock = Path(f"/tmp/fedcal-bench-{os.getpid()}/w.sock")
+    worker = subprocess.Popen([str(BIN / "fedcal"), "worker", "--socket", str(sock)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not sock.is_socket():
+            time.sleep(0.1)
+        first, _ = warm_round(sock, requests(warm_cfg, node, 1))  # builds the runtime and fills the feature cache
+        warm = [warm_round(sock, requests(warm_cfg, node, r))[0] for r in (2, 3, 4)]
+        overhead = relay_overhead(sock, warm_cfg, node)
+    finally:
+        worker.terminate()
+        worker.wait()
+    c, w = sum(cold) / len(cold), sorted(warm)[len(warm) // 2]
+    print(f"## P2: one {args.method} client round ({args.model}, {args.images} images), evaluate + train messages\n")
+    print("| path | s / round |\n|---|---|")
+    print(f"| cold: a fresh process per message, no feature cache (mean of 2) | {c:.2f} |")
+    print(f"| warm worker, first round (builds CLIP, fills the cache) | {first:.2f} |")
+    print(f"| warm worker, warm cache (median of 3) | {w:.3f} |")
+    print(f"\ncold / warm = **{c / w:.1f}x**")
+    print(f"\nfedcal's own per-message overhead (ClientApp -> worker -> ClientApp: pickling a request carrying a FL²oRA-sized "
+          f"packed state, the socket both ways, the worker parsing the configuration; no compute): median {1000 * overhead:.1f} ms")
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def deployed(tmp: Path, flat: dict, warm: bool, rounds: int) -> list[float]:
+    from deploy.cluster import start_cluster
+    from tests.processes import base_env, free_port, preset
+
+    env = base_env(tmp, HOME=str(tmp))
+    name = "warm" if warm else "cold"
+    cluster = start_cluster(tmp / f"cluster-{name}", 2, str(DATA), port=free_port(), node_port=free_port(), env=env, warm=warm)
+    try:
+        cfg = preset(ROOT / "configs" / "offline-smoke.toml", tmp / f"{name}.toml", **{
+            **{k: v for k, v in flat.items() if k.startswith(("model.", "method.", "optim.", "data."))},
+            "data.path": str(DATA), "data.partitioner": "iid", "data.heldout_domains": "", "fl.rounds": rounds,
+            "fl.min_train_nodes": 2, "fl.min_available_nodes": 2, "eval.temperature_scaling": "none",
+            "output.dir": str(tmp / "runs"), "output.run_name": name, "monitoring.enabled": False})
+        res = cluster.flwr("run", str(ROOT), cluster.connection, "--stream", "--run-config", str(cfg), timeout=3600)
+        rows = _records(tmp / "runs" / name)
+        secs = [r["seconds"] for r in rows if r["kind"] == "round"]
+        if len(secs) != rounds:
+            raise RuntimeError((res.stdout + res.stderr)[-3000:])
+        return secs
+    finally:
+        cluster.stop()
+
+
+def bare(flat: dict, rounds: int) -> list[float]:
+    """The same local work in one process: per round, each client evaluates then trains."""
+    from client.handlers import WarmRuntimes, handle
+
+    runtimes = WarmRuntimes()
+    out = []
+    for rnd in range(1, rounds + 1):
+        t = time.perf_counter()
+        for pid in range(2):
+            for req in requests(flat, {"partition-id": pid, "num-partitions": 2}, rnd):
+                assert handle(req, runtimes).error is None
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def p4(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="fedcal-p4-"))
+    ckpt = checkpoint_file(args.model, tmp)
+    flat = run_config(ckpt, args.model, "lora", tmp / "cache", args.images, optim__local_steps=args.steps, optim__batch_size=8)
+    base = bare(flat, args.rounds)
+    warm = deployed(tmp, flat, True, args.rounds)
+    cold = deployed(tmp, flat, False, args.rounds)
+    later = lambda xs: sum(xs[1:]) / max(1, len(xs) - 1)  # noqa: E731 - rounds after the first (builds, caches)
+    print(f"## P4: a deployed LoRA round ({args.model} from a checkpoint file, 2 clients, {args.steps} steps, {args.images} images)\n")
+    print("| | round 1 s | later rounds s (mean) | later / bare |\n|---|---|---|---|")
+    for label, xs in (("bare process (same local work)", base), ("deployed, warm workers", warm), ("deployed, no worker (cold)", cold)):
+        print(f"| {label} | {xs[0]:.1f} | {later(xs):.1f} | x{later(xs) / later(base):.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("which", choices=["p2", "p4"])
+    ap.add_argument("--model", default="ViT-B-32")
+    ap.add_argument("--method", default="adapter")
+    ap.add_argument("--images", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
+    args = ap.parse_args()
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    {"p2": p2, "p4": p4}[args.which](args)
+
+
+if __name__ == "__main__":
+    main()
