@@ -46,9 +46,9 @@ def checkpoint_file(arch: str, folder: Path) -> Path:
 def run_config(ckpt: Path, arch: str, method: str, cache: Path, images: int, **extra) -> dict:
     from common import config
 
-    return config.load(None, model__name=arch, model__pretrained=str(ckpt), method__name=method, data__path=str(DATA),
-                       data__partitioner="iid", data__max_per_client=images, data__cache_dir=str(cache), optim__local_epochs=1,
-                       optim__batch_size=32, eval__splits="test", **extra).flat()
+    settings = dict(model__name=arch, model__pretrained=str(ckpt), method__name=method, data__path=str(DATA), data__partitioner="iid",
+                    data__max_per_client=images, data__cache_dir=str(cache), optim__local_epochs=1, optim__batch_size=32, eval__splits="test")
+    return config.load(None, **{**settings, **extra}).flat()
 
 
 def requests(flat: dict, node: dict, rnd: int):

@@ -40,6 +40,9 @@ def compose_config(*files: str) -> dict:
     return yaml.safe_load(res.stdout)["services"]
 
 
+WORKER_SOCKET = "/app/run/worker.sock"
+
+
 def test_local_cluster_commands():
     services = compose_config("compose.yml")
     assert services["superlink"]["image"] == "flwr/superlink:1.42.0"
@@ -49,12 +52,15 @@ def test_local_cluster_commands():
     for i in range(4):
         node = services[f"supernode-{i}"]
         assert node["image"] == "flwr/supernode:1.42.0"
-        assert node["command"] == supernode_args(superlink="superlink:8000", node_config=node_config_string(i, 4, "/data"), host="0.0.0.0",
+        assert node["command"] == supernode_args(superlink="superlink:8000", node_config=node_config_string(i, 4, "/data", worker_socket=WORKER_SOCKET), host="0.0.0.0",
                                                  port=9094, isolation="process")[1:]
         app = services[f"clientapp-{i}"]
         assert app["command"] == superexec_args(runtime_api_address=f"supernode-{i}:9094")[1:]
-        assert app["depends_on"] == {f"supernode-{i}": {"condition": "service_healthy"}}
+        assert app["depends_on"] == {f"supernode-{i}": {"condition": "service_healthy"}, f"worker-{i}": {"condition": "service_started"}}
         assert any(v.endswith(":/data:ro") for v in app["volumes"])
+        worker = services[f"worker-{i}"]  # the warm worker sidecar shares only the socket volume with the ClientApps
+        assert worker["entrypoint"] == ["fedcal", "worker", "--socket", WORKER_SOCKET] and not worker.get("ports")
+        assert f"worker-{i}:/app/run:rw" in app["volumes"] and f"worker-{i}:/app/run:rw" in worker["volumes"]
     assert {"prometheus", "grafana"} <= set(services)
     assert any("deploy/grafana/dashboards" in v for v in services["grafana"]["volumes"])
 
@@ -74,7 +80,7 @@ def test_tls_variant_commands():
     assert services["serverapp"]["command"] == superexec_args(runtime_api_address="superlink:8100", root_certificates="certificates/ca.crt")[1:]
     for i in range(4):
         assert services[f"supernode-{i}"]["command"] == supernode_args(
-            superlink="proxy:8000", node_config=node_config_string(i, 4, "/data"), host="0.0.0.0", port=9094, isolation="process",
+            superlink="proxy:8000", node_config=node_config_string(i, 4, "/data", worker_socket=WORKER_SOCKET), host="0.0.0.0", port=9094, isolation="process",
             root_certificates="certificates/ca.crt", auth_key=f"certificates/supernode-{i}")[1:]
         assert services[f"supernode-{i}"]["depends_on"]["register"]["condition"] == "service_completed_successfully"
     assert "flwr supernode register" in services["register"]["command"][0]
@@ -93,7 +99,7 @@ def test_gpu_variants_reserve_a_gpu_for_the_clientapps():
 def test_multi_machine_supernode_commands():
     services = compose_config("compose.supernode.yml")
     assert services["supernode"]["command"] == supernode_args(
-        superlink="link.example.org:8000", node_config=node_config_string(2, 4, "/data"), host="0.0.0.0", port=9094, isolation="process",
+        superlink="link.example.org:8000", node_config=node_config_string(2, 4, "/data", worker_socket=WORKER_SOCKET), host="0.0.0.0", port=9094, isolation="process",
         root_certificates="certificates/ca.crt", auth_key="certificates/supernode-2")[1:]
     assert services["clientapp"]["command"] == superexec_args(runtime_api_address="supernode:9094")[1:]
     assert "/srv/pacs:/data:ro" in services["clientapp"]["volumes"]

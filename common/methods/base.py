@@ -129,7 +129,8 @@ class ClipMethod(nn.Module):
     # ------------------------------------------------------------------ train/eval
     def train(self, mode: bool = True):
         super().train(mode)
-        self._text_cache = None
+        if self.text_tower_trainable:  # a frozen text tower's class features are constants: kept across rounds
+            self._text_cache = None
         if not self.keeps_backbone_training_mode():
             self.clip.eval()
         return self
@@ -161,7 +162,8 @@ class ClipMethod(nn.Module):
                 if tuple(value.shape) != tuple(param.shape):
                     raise StateError(f"trainable state key {key!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
                 param.copy_(value.to(param.device, param.dtype))
-        self._text_cache = None
+        if self.text_tower_trainable:
+            self._text_cache = None
 
     def num_trainable(self) -> int:
         return sum(p.numel() for _, p in self.trainable_named_parameters())
