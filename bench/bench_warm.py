@@ -56,10 +56,10 @@ def requests(flat: dict, node: dict, rnd: int):
     from client.relay import Request
     from client.runtime import ClientRuntime
     from common import config
-    from common.tensors import pack
+    from common.tensors import pack_arrays
 
     rt = ClientRuntime.create(config.from_flat(flat), config.parse_node_config(node))
-    arrays = {k: a.numpy() for k, a in pack(rt.method.trainable_state(), manifest_of(rt)).items()}
+    arrays = pack_arrays(rt.method.trainable_state(), manifest_of(rt))
     return [Request("evaluate", flat, node, {"server-round": rnd, "ts-mode": "none"}, arrays),
             Request("train", flat, node, {"server-round": rnd}, arrays)]
 

@@ -43,21 +43,18 @@ def corrupt_state(cfg: RunConfig, partition_id: int, state: dict[str, torch.Tens
     return bad
 
 
-def corrupt_record(cfg: RunConfig, partition_id: int, record):
+def corrupt_arrays(cfg: RunConfig, partition_id: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Forge the packed arrays themselves: one value too many (shape), or an extra array (extra-key)."""
-    from flwr.app import Array
-
     mode = cfg.fault.mode_for(partition_id)
     if mode not in TRAIN_RECORD:
-        return record
-    key = next(iter(record.keys()))
+        return arrays
+    key = next(iter(arrays))
     if mode == "shape":
-        flat = record[key].numpy()
-        record[key] = Array(np.concatenate([flat, flat[:1]]))
+        arrays = {**arrays, key: np.concatenate([arrays[key], arrays[key][:1]])}
     else:
-        record["fault.injected"] = Array(np.zeros(3, dtype=np.float32))
+        arrays = {**arrays, "fault.injected": np.zeros(3, dtype=np.float32)}
     log.warning("fault injection: partition %d sends a %s update", partition_id, mode)
-    return record
+    return arrays
 
 
 def corrupt_train_metrics(cfg: RunConfig, partition_id: int, metrics: dict) -> dict:

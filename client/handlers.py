@@ -27,7 +27,7 @@ from common.config import ConfigError, NodeConfig, RunConfig, from_flower, parse
 from common.data import DataError, load_client_data
 from common.hub import HubUnavailable
 from common.methods import StateError
-from common.tensors import Manifest, ManifestError, pack, unpack
+from common.tensors import Manifest, ManifestError, check_flat, pack_arrays, unflatten
 
 from . import faults
 from .relay import ERROR_CODE_INTERNAL, ERROR_CODE_USER, Request, Response
@@ -101,12 +101,9 @@ def manifest_of(rt: ClientRuntime) -> Manifest:
 
 
 def _global_state(req: Request, rt: ClientRuntime) -> dict[str, torch.Tensor]:
-    from flwr.app import Array, ArrayRecord
-
     manifest = manifest_of(rt)
-    record = ArrayRecord({k: Array(v) for k, v in (req.arrays or {}).items()})
     try:
-        return unpack(record, manifest)
+        return unflatten(check_flat(req.arrays or {}, manifest), manifest)
     except ManifestError as err:
         theirs = req.config.get("manifest")
         if theirs:
@@ -127,7 +124,7 @@ def _train(req: Request, cfg: RunConfig, node: NodeConfig, runtimes: WarmRuntime
         teacher=_tensors(req.state, "carot-teacher"), carot_step=int(scalars["carot-step"]),
         feddyn_grad=_tensors(req.state, "feddyn-grad") if float(req.config.get("feddyn-alpha", 0.0)) > 0 else None,
     )
-    state = {k: v for k, v in req.state.items()}
+    state = dict(req.state)
     for key, value in (("carot-teacher", out.teacher), ("feddyn-grad", out.feddyn_grad)):
         if value is not None:
             state[key] = _arrays(value)
@@ -138,8 +135,8 @@ def _train(req: Request, cfg: RunConfig, node: NodeConfig, runtimes: WarmRuntime
     metrics.update({"uniform-weight": 1, "update-norm": norm, "server-round": server_round})
     metrics = faults.corrupt_train_metrics(cfg, node.partition_id, metrics)
     log.info("round %d partition %d: %d steps, loss %.4f, %.1fs", server_round, node.partition_id, metrics["local-steps"], out.metrics["train-loss"], metrics["train-seconds"])
-    record = faults.corrupt_record(cfg, node.partition_id, pack(new, manifest_of(rt)))
-    return Response({k: a.numpy() for k, a in record.items()}, metrics, identity(rt, node, cfg), state)
+    arrays = faults.corrupt_arrays(cfg, node.partition_id, pack_arrays(new, manifest_of(rt)))
+    return Response(arrays, metrics, identity(rt, node, cfg), state)
 
 
 def _temperature(rt: ClientRuntime, cfg: RunConfig, req: Request, logits_cache: dict, scalars: dict) -> float | None:

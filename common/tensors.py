@@ -86,10 +86,10 @@ class Manifest:
         return cls(tuple((str(k), tuple(int(x) for x in s), str(d)) for k, s, d in json.loads(text)))
 
 
-def pack(state: dict[str, torch.Tensor], manifest: Manifest | None = None) -> ArrayRecord:
-    """The state as one flat array per dtype (``manifest`` defaults to the state's own)."""
+def pack_arrays(state: dict[str, torch.Tensor], manifest: Manifest | None = None) -> dict[str, np.ndarray]:
+    """The state as one flat numpy array per dtype, keyed as on the wire (``manifest`` defaults to the state's own)."""
     manifest = manifest or Manifest.of(state.items())
-    record = ArrayRecord()
+    out = {}
     for dtype, group in manifest.groups.items():
         flat = np.empty(manifest.numel(dtype), dtype=np.dtype(dtype))
         pos = 0
@@ -99,27 +99,42 @@ def pack(state: dict[str, torch.Tensor], manifest: Manifest | None = None) -> Ar
                 raise ManifestError(f"tensor {key!r} has shape {tuple(value.shape)}, the manifest says {shape}")
             flat[pos : pos + n] = value.detach().to("cpu", torch.float32).reshape(-1).numpy()
             pos += n
-        record[manifest.array_key(dtype)] = Array(flat)
-    return record
+        out[manifest.array_key(dtype)] = flat
+    return out
 
 
-def flat_arrays(record: ArrayRecord, manifest: Manifest) -> dict[str, np.ndarray]:
-    """The decoded flat arrays (dtype -> vector) of a packed record, checked against ``manifest``."""
+def pack(state: dict[str, torch.Tensor], manifest: Manifest | None = None) -> ArrayRecord:
+    """The state as a Flower ArrayRecord of one flat array per dtype."""
+    return ArrayRecord({k: Array(v) for k, v in pack_arrays(state, manifest).items()})
+
+
+def _check_keys(got: list[str], manifest: Manifest) -> None:
     expected = manifest.array_keys()
-    got = list(record.keys())
     if set(got) != set(expected):
         theirs = next((k for k in got if k.startswith(PACKED_PREFIX)), None)
         if theirs and theirs not in expected:
             raise ManifestError(f"the arrays were packed for another manifest ({theirs}, expected {next(iter(expected))}): "
                                 "both sides must build the same model and method (model.*, method.*)")
         raise ManifestError(f"arrays {sorted(got)} do not match the manifest's {sorted(expected)}")
-    out = {}
-    for key, dtype in expected.items():
-        arr = record[key].numpy()
-        if arr.dtype != np.dtype(dtype) or arr.shape != (manifest.numel(dtype),):
-            raise ManifestError(f"{key!r} is a {arr.dtype} array of shape {arr.shape}, the manifest says {dtype} ({manifest.numel(dtype)},)")
-        out[dtype] = arr
-    return out
+
+
+def _check_array(key: str, arr: np.ndarray, dtype: str, manifest: Manifest) -> np.ndarray:
+    if arr.dtype != np.dtype(dtype) or arr.shape != (manifest.numel(dtype),):
+        raise ManifestError(f"{key!r} is a {arr.dtype} array of shape {arr.shape}, the manifest says {dtype} ({manifest.numel(dtype)},)")
+    return arr
+
+
+def check_flat(arrays: dict[str, np.ndarray], manifest: Manifest) -> dict[str, np.ndarray]:
+    """Already decoded packed arrays (wire key -> vector), checked against ``manifest``; dtype -> vector."""
+    _check_keys(list(arrays), manifest)
+    return {dtype: _check_array(key, arrays[key], dtype, manifest) for key, dtype in manifest.array_keys().items()}
+
+
+def flat_arrays(record: ArrayRecord, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The decoded flat arrays (dtype -> vector) of a packed record, checked against ``manifest``
+    (the keys before any array is decoded)."""
+    _check_keys(list(record.keys()), manifest)
+    return {dtype: _check_array(key, record[key].numpy(), dtype, manifest) for key, dtype in manifest.array_keys().items()}
 
 
 def unflatten(flats: dict[str, np.ndarray], manifest: Manifest) -> dict[str, torch.Tensor]:

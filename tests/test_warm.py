@@ -47,12 +47,12 @@ def worker(tmp_path):
 def requests(pacs_dir, tmp_path, sock):
     from client.handlers import manifest_of
     from client.runtime import ClientRuntime
-    from common.tensors import pack
+    from common.tensors import pack_arrays
 
     run_config = flat_config(pacs_dir, tmp_path)
     node_config = {"partition-id": 1, "num-partitions": 3, "worker-socket": str(sock)}
     rt = ClientRuntime.create(config.from_flat(run_config), config.parse_node_config(node_config))
-    arrays = {k: a.numpy() for k, a in pack(rt.method.trainable_state(), manifest_of(rt)).items()}
+    arrays = pack_arrays(rt.method.trainable_state(), manifest_of(rt))
     return [Request("info", run_config, node_config),
             Request("train", run_config, node_config, {"server-round": 1}, arrays),
             Request("train", run_config, node_config, {"server-round": 2}, arrays),  # the worker's runtime is warm now
