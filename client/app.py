@@ -5,7 +5,10 @@ Messages and replies (record names in quotes):
 - ``train``: "arrays" (the global trainable state, packed: common/tensors.py) + "config"
   (server-round, proximal-mu, feddyn-alpha, manifest) -> "arrays" (the new trainable state,
   packed), "metrics" (num-examples, uniform-weight, train loss terms, local-steps, train-seconds,
-  fednova-a, update-norm), "client" (identity).
+  fednova-a, update-norm), "client" (identity). In one-phase rounds (``fl.schedule``) the config
+  may also carry evaluate-round / evaluate-ts-mode / evaluate-temperature: the node then first
+  evaluates the state it received (the previous round's figures) and adds them as "eval-metrics",
+  exactly what an ``evaluate`` message would have returned.
 - ``evaluate``: "arrays" + "config" (server-round, temperature, ts-mode)
   -> "metrics" (exact calibration sums per split, before and after temperature scaling, adaptive
   ECE, num-examples), "client" (identity).
@@ -43,6 +46,8 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+
+from common.replies import TRAIN_EVALUATION_RECORD
 
 from . import relay
 from .relay import ERROR_CODE_INTERNAL, Request, Response
@@ -89,6 +94,8 @@ def reply_of(resp: Response, msg: Message, context: Context) -> Message:
         records["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in resp.arrays.items()})
     if resp.metrics is not None:
         records["metrics"] = MetricRecord(resp.metrics)
+    if resp.evaluation is not None:
+        records[TRAIN_EVALUATION_RECORD] = MetricRecord(resp.evaluation)
     if resp.client is not None:
         records["client"] = ConfigRecord(resp.client)
     return Message(RecordDict(records), reply_to=msg)

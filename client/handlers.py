@@ -27,6 +27,7 @@ from common.config import ConfigError, NodeConfig, RunConfig, from_flower, parse
 from common.data import DataError, load_client_data
 from common.hub import HubUnavailable
 from common.methods import StateError
+from common.replies import EVALUATE_FIRST_KEYS
 from common.tensors import Manifest, ManifestError, check_flat, pack_arrays, unflatten
 
 from . import faults
@@ -112,11 +113,22 @@ def _global_state(req: Request, rt: ClientRuntime) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ the message kinds
+def _evaluate_first(req: Request, cfg: RunConfig, node: NodeConfig, runtimes: WarmRuntimes) -> tuple[Request, dict | None]:
+    """One-phase rounds: evaluate the received state as an evaluate message would (the previous
+    round's figures) before training; the training request continues from the state it leaves."""
+    if EVALUATE_FIRST_KEYS["server-round"] not in req.config:
+        return req, None
+    config = {key: req.config[asked] for key, asked in EVALUATE_FIRST_KEYS.items() if asked in req.config}
+    done = _evaluate(Request("evaluate", req.run_config, req.node_config, config, req.arrays, req.state), cfg, node, runtimes)
+    return Request(req.kind, req.run_config, req.node_config, req.config, req.arrays, done.state), done.metrics
+
+
 def _train(req: Request, cfg: RunConfig, node: NodeConfig, runtimes: WarmRuntimes) -> Response:
     server_round = int(req.config["server-round"])
     rt = runtimes.get(cfg, node)
     if rt.data.role == "unseen":
         raise ConfigError(f"partition {node.partition_id} is a held-out (unseen) client and must not be sampled for training")
+    req, evaluation = _evaluate_first(req, cfg, node, runtimes)
     global_state = _global_state(req, rt)
     scalars = _scalars(req.state)
     out = rt.train(
@@ -136,7 +148,7 @@ def _train(req: Request, cfg: RunConfig, node: NodeConfig, runtimes: WarmRuntime
     metrics = faults.corrupt_train_metrics(cfg, node.partition_id, metrics)
     log.info("round %d partition %d: %d steps, loss %.4f, %.1fs", server_round, node.partition_id, metrics["local-steps"], out.metrics["train-loss"], metrics["train-seconds"])
     arrays = faults.corrupt_arrays(cfg, node.partition_id, pack_arrays(new, manifest_of(rt)))
-    return Response(arrays, metrics, identity(rt, node, cfg), state)
+    return Response(arrays, metrics, identity(rt, node, cfg), state, evaluation=evaluation)
 
 
 def _temperature(rt: ClientRuntime, cfg: RunConfig, req: Request, logits_cache: dict, scalars: dict) -> float | None:

@@ -46,6 +46,7 @@ class Response:
     client: dict[str, Any] | None = None
     state: dict[str, Any] = field(default_factory=dict)
     error: tuple[int, str] | None = None
+    evaluation: dict[str, Any] | None = None  # a train reply's evaluation of the state it received (one-phase rounds)
 
 
 _HEADER = struct.Struct(">Q")

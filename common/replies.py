@@ -22,6 +22,10 @@ TRAIN_INT_KEYS = frozenset({"num-examples", "local-steps", "uniform-weight", "se
 TRAIN_RECORDS = {"arrays", "metrics"}
 EVALUATE_RECORDS = {"metrics"}
 OPTIONAL_RECORDS = {"client"}
+# a one-phase train reply also carries the evaluation of the state it received, under this name
+# (exactly an evaluate reply's "metrics"); its config asks for it with these keys
+TRAIN_EVALUATION_RECORD = "eval-metrics"
+EVALUATE_FIRST_KEYS = {"server-round": "evaluate-round", "ts-mode": "evaluate-ts-mode", "temperature": "evaluate-temperature"}
 
 # per evaluated split (and per split after temperature scaling): exact sums at n_bins and 10 bins
 SPLIT_SCALARS = ("adaptive-ece", "temperature")

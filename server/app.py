@@ -95,7 +95,9 @@ def _run_in(run: RunDirectory, cfg: RunConfig, grid: Grid) -> dict:
                 raise ConfigError(f"output.resume: {run.path} has no checkpoint yet; start a new run instead")
             ckpt = checkpoint.load(folder)
             start_round = ckpt.round
-            ledger.restore(totals_from_rows(run.keep_rounds_up_to(start_round)))
+            # one-phase rounds evaluate round k's state in round k+1's phase: after checkpoint k it is still to do
+            redo = cfg.fl.schedule == "one-phase" and start_round < cfg.fl.rounds
+            ledger.restore(totals_from_rows(run.keep_rounds_up_to(start_round, redo_evaluation=redo)))
             log.info("resuming %s after round %d", run.name, start_round)
         registry = NodeRegistry(info_timeout=cfg.fl.round_timeout)
         log.info("waiting for %d SuperNodes (fl.min_available_nodes, at most fl.node_wait_timeout=%gs)", cfg.fl.min_available_nodes, cfg.fl.node_wait_timeout)

@@ -72,6 +72,14 @@ class ClientEval:
         }
 
 
+EVALUATION_KINDS = ("client", "pooled", "group", "domain", "temperature")
+
+
+def is_evaluation_row(row: dict[str, Any]) -> bool:
+    """A row written by a round's evaluation (figures, temperature, the outcome of an evaluate or nll-grid reply)."""
+    return row.get("kind") in EVALUATION_KINDS or row.get("phase") in ("evaluate", "nll-grid")
+
+
 def pool(evals: list[ClientEval], server_round: int) -> list[dict[str, Any]]:
     """Pooled, per-group (seen/unseen) and per-domain rows from summed statistics (exact).
 
@@ -154,9 +162,11 @@ class RunDirectory:
             raise RunFolderBusy(f"run folder {self.path} is in use by {runlock.holder(self.path) or 'another process'}: "
                                 "stop that run first (`flwr stop <run-id>`) or wait for it to end")
 
-    def keep_rounds_up_to(self, last_round: int) -> list[dict[str, Any]]:
+    def keep_rounds_up_to(self, last_round: int, redo_evaluation: bool = False) -> list[dict[str, Any]]:
         """Resume: cut a torn last line, drop rows of rounds after the checkpoint and every join row
-        (all nodes join again), so that the records continue exactly as an uninterrupted run's."""
+        (all nodes join again), so that the records continue exactly as an uninterrupted run's.
+        ``redo_evaluation``: the checkpointed round's evaluation is done again (one-phase rounds
+        carry it in the next round's phase), so its rows are dropped too."""
         path = self.path / "metrics.jsonl"
         kept, lines = [], []
         if path.exists():
@@ -165,7 +175,8 @@ class RunDirectory:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # empty, or torn by a crash
-                if isinstance(row, dict) and row.get("round", 0) <= last_round and row.get("phase") != "join":
+                if isinstance(row, dict) and row.get("round", 0) <= last_round and row.get("phase") != "join" \
+                        and not (redo_evaluation and row.get("round") == last_round and is_evaluation_row(row)):
                     kept.append(row)
                     lines.append(line)
         if self._fh:

@@ -44,6 +44,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import RunConfig
+from common.replies import EVALUATE_FIRST_KEYS, TRAIN_EVALUATION_RECORD
 from common.tensors import Manifest, from_record, record_nbytes, unpack
 
 from . import checkpoint
@@ -88,6 +89,7 @@ class FedCalMixin:
         self.manifest: Manifest | None = None  # the packed wire layout of the global state (set by the ServerApp)
         self.sampled: dict[str, set[int]] = {"train": set(), "evaluate": set()}
         self.eval_ts_mode = "none"
+        self.eval_round: int | None = None  # the round whose evaluation the current phase carries
         self.tb: TensorBoardLog | None = None
         self.failing_rounds = 0
         self.sent: dict[str, list[Message]] = {"train": [], "evaluate": []}
@@ -166,6 +168,7 @@ class FedCalMixin:
         self.round_started = time.monotonic()
         self.round_bytes = [0, 0]
         self.round_notes = {}
+        self.eval_round = None
         self.registry.discover(grid, self.ledger, rnd)
         self.ledger.flush()
         self.reference = {k: v.numpy() for k, v in arrays.items()}
@@ -176,21 +179,47 @@ class FedCalMixin:
         view = GridView(grid, seen, minimum=self.min_train_nodes, timeout=self.cfg.fl.node_wait_timeout)
         messages = self._sample(lambda: super(FedCalMixin, self).configure_train(rnd, arrays, config, view), rnd)
         self.sampled["train"] = {m.metadata.dst_node_id for m in messages}
-        self.sent["train"] = messages
+        self.sampled["evaluate"] = set()
         self.round_bytes[0] += record_nbytes(arrays) * len(messages)
+        if self.cfg.fl.schedule == "one-phase" and rnd - 1 >= 1 and self.evaluates(rnd - 1):
+            messages = self._fold_evaluation(rnd - 1, arrays, grid, messages)
+        self.sent["train"] = messages
         return messages
+
+    def _fold_evaluation(self, rnd: int, arrays: ArrayRecord, grid, train_messages: list[Message]) -> list[Message]:
+        """One phase: round ``rnd``'s evaluation (of the state the next round's train messages carry)
+        rides in those messages; the clients it evaluates that do not train get an evaluate message."""
+        targets, eval_config = self._evaluation_targets(rnd, arrays, grid)
+        asked = {EVALUATE_FIRST_KEYS[k]: v for k, v in eval_config.items() if k in EVALUATE_FIRST_KEYS}
+        out = []
+        for m in train_messages:
+            if m.metadata.dst_node_id in targets:
+                content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({**dict(m.content[self.configrecord_key]), **asked})})
+                m = Message(content=content, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.TRAIN)
+            out.append(m)
+        trained = {m.metadata.dst_node_id for m in train_messages}
+        evaluate_only = [n for n in targets if n not in trained]
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: eval_config})
+        out += [Message(content=record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in evaluate_only]
+        self.round_bytes[0] += record_nbytes(arrays) * len(evaluate_only)
+        self.eval_round = rnd
+        self.sampled["evaluate"] = set(targets)
+        self.sent["evaluate"] = out
+        return out
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = self.true_round(server_round)
+        replies_seen = list(replies)
+        if self.eval_round is not None:  # one phase: the previous round's evaluation came with these replies
+            replies_seen = self._record_folded_evaluation(replies_seen)
         valid: list[Message] = []
         answered: set[int] = set()
-        replies_seen = list(replies)
         for msg in replies_seen:
             node = self._screen(msg, "train", rnd, answered)
             if node is None:
                 continue
             try:
-                checked = check_train(msg, node, self._info(node), rnd, self.reference, self.cfg)
+                checked = check_train(msg, node, self._info(node), rnd, self.reference, self.cfg, evaluated=node in self.sampled["evaluate"])
             except Rejection as rej:
                 self.ledger.note("rejected", rnd, "train", self._ident(node), rej.reason, rej.detail)
                 continue
@@ -198,6 +227,8 @@ class FedCalMixin:
             self.ledger.note("trained", rnd, "train", self._ident(node), fields={**self._train_fields(checked.metrics), "update_bytes": checked.update_bytes,
                                                                                 "wire_bytes": checked.nbytes})
             self._safely("monitoring", self.monitor.client_train, rnd, self._info(node), checked.metrics, checked.nbytes)
+            if TRAIN_EVALUATION_RECORD in msg.content:  # recorded already; Flower aggregates one MetricRecord per reply
+                del msg.content[TRAIN_EVALUATION_RECORD]
             valid.append(msg)
         self._note_missing("train", rnd, answered)
         self._check_not_all_failing(rnd, [m for m in replies_seen if m.has_error()], len(self.sampled["train"]))
@@ -210,6 +241,18 @@ class FedCalMixin:
         self.round_notes["aggregated"] = aggregated is not None
         self.ledger.flush()
         return aggregated, metrics
+
+    def _record_folded_evaluation(self, replies: list[Message]) -> list[Message]:
+        """Record the evaluation carried by a one-phase train phase; return the replies left for
+        training (every reply but those of evaluate-only nodes)."""
+        trained = self.sampled["train"]
+        evaluate_only = self.sampled["evaluate"] - trained
+        nodes = [reply_source(m, self.sent["train"]) for m in replies]
+        carried = [(m, "metrics" if n in evaluate_only else TRAIN_EVALUATION_RECORD) for m, n in zip(replies, nodes, strict=True)
+                   if n in self.sampled["evaluate"]]
+        self._record_evaluation(self.eval_round, carried)
+        # an evaluate-only node's replies are settled here (a second one was recorded as a duplicate)
+        return [m for m, n in zip(replies, nodes, strict=True) if n not in evaluate_only]
 
     def _aggregate(self, rnd: int, valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's aggregation of the valid replies; a failure or a non-finite result keeps the global state."""
@@ -230,56 +273,75 @@ class FedCalMixin:
     def evaluates(self, rnd: int) -> bool:
         return rnd == self.cfg.fl.rounds or rnd % self.cfg.fl.evaluate_every == 0
 
+    def _fit_temperature(self, rnd: int, arrays: ArrayRecord, grid, seen: list[int], config: ConfigRecord) -> None:
+        """Federated temperature scaling of round ``rnd``'s state (its own query phase), into ``config``."""
+        mode = self.cfg.eval.temperature_scaling
+        config["ts-mode"] = "none"
+        if mode == "none" or not seen or not (rnd == self.cfg.fl.rounds or self.cfg.eval.ts_every_round):
+            return
+        gt = fit_global_temperature(grid, seen, arrays, self.cfg.fl.round_timeout, self.cfg.eval.ts_grid_size,
+                                    registry=self.registry, ledger=self.ledger, rnd=rnd, ts_split=self.cfg.eval.ts_split)
+        self.round_bytes[0] += record_nbytes(arrays) * len(seen)
+        config["ts-mode"], config["temperature"] = mode, gt.temperature
+        self.temperature.update(value=gt.temperature, round=rnd, nll_before=gt.nll_at_one, nll_after=gt.nll_at_t, examples=gt.examples, clients=gt.clients)
+        self._safely("monitoring", self.monitor.global_temperature, gt.temperature)
+        self.ledger.flush([{"kind": "temperature", "round": rnd, "mode": mode, "temperature": gt.temperature, "nll_at_1": gt.nll_at_one,
+                            "nll_at_t": gt.nll_at_t, "examples": gt.examples, "clients": gt.clients, "at_grid_edge": gt.at_edge, "errors": gt.errors}])
+        log.info("round %d: federated temperature %.4f (pooled %s NLL %.4f -> %.4f over %d examples of %d clients)", rnd, gt.temperature,
+                 self.cfg.eval.ts_split, gt.nll_at_one or float("nan"), gt.nll_at_t or float("nan"), gt.examples, gt.clients)
+
+    def _evaluation_targets(self, rnd: int, arrays: ArrayRecord, grid) -> tuple[list[int], ConfigRecord]:
+        """Who evaluates round ``rnd``'s state, and the evaluate config: a seeded sample of the seen
+        clients (``fl.fraction_evaluate``) and every held-out client, whichever schedule runs."""
+        connected = list(grid.get_node_ids())
+        seen, unseen = self.registry.seen(connected), self.registry.unseen(connected)
+        config = ConfigRecord({"run-name": self.run.name})
+        self._fit_temperature(rnd, arrays, grid, seen, config)
+        config["server-round"] = rnd
+        self.eval_ts_mode = str(config["ts-mode"])
+        chosen: list[int] = []
+        if seen and self.fraction_evaluate > 0:
+            view = GridView(grid, seen, minimum=min(self.min_evaluate_nodes, len(seen)), timeout=self.cfg.fl.node_wait_timeout)
+            picked = self._sample(lambda: super(FedCalMixin, self).configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), view), rnd + 7919)
+            chosen = [m.metadata.dst_node_id for m in picked]
+        return chosen + [n for n in unseen if n not in chosen], config
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
         rnd = self.true_round(server_round)
         self.sampled["evaluate"] = set()
-        if not self.evaluates(rnd):
+        self.eval_round = None
+        one_phase_later = self.cfg.fl.schedule == "one-phase" and rnd != self.cfg.fl.rounds  # rides in the next round's phase
+        if not self.evaluates(rnd) or one_phase_later:
             return []
         self.registry.discover(grid, self.ledger, rnd)
         self.ledger.flush()
-        connected = list(grid.get_node_ids())
-        seen, unseen = self.registry.seen(connected), self.registry.unseen(connected)
-        mode = self.cfg.eval.temperature_scaling
-        config["ts-mode"] = "none"
-        if mode != "none" and (rnd == self.cfg.fl.rounds or self.cfg.eval.ts_every_round) and seen:
-            gt = fit_global_temperature(grid, seen, arrays, self.cfg.fl.round_timeout, self.cfg.eval.ts_grid_size,
-                                        registry=self.registry, ledger=self.ledger, rnd=rnd, ts_split=self.cfg.eval.ts_split)
-            self.round_bytes[0] += record_nbytes(arrays) * len(seen)
-            config["ts-mode"], config["temperature"] = mode, gt.temperature
-            self.temperature.update(value=gt.temperature, round=rnd, nll_before=gt.nll_at_one, nll_after=gt.nll_at_t, examples=gt.examples, clients=gt.clients)
-            self._safely("monitoring", self.monitor.global_temperature, gt.temperature)
-            self.ledger.flush([{"kind": "temperature", "round": rnd, "mode": mode, "temperature": gt.temperature, "nll_at_1": gt.nll_at_one,
-                             "nll_at_t": gt.nll_at_t, "examples": gt.examples, "clients": gt.clients, "at_grid_edge": gt.at_edge, "errors": gt.errors}])
-            log.info("round %d: federated temperature %.4f (pooled %s NLL %.4f -> %.4f over %d examples of %d clients)", rnd, gt.temperature,
-                     self.cfg.eval.ts_split, gt.nll_at_one or float("nan"), gt.nll_at_t or float("nan"), gt.examples, gt.clients)
-        config["server-round"] = rnd
-        self.eval_ts_mode = str(config["ts-mode"])
-        messages: list[Message] = []
-        if seen and self.fraction_evaluate > 0:
-            view = GridView(grid, seen, minimum=min(self.min_evaluate_nodes, len(seen)), timeout=self.cfg.fl.node_wait_timeout)
-            messages = self._sample(lambda: super(FedCalMixin, self).configure_evaluate(rnd, arrays, config, view), rnd + 7919)
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        messages += [Message(content=record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in unseen]
-        self.sampled["evaluate"] = {m.metadata.dst_node_id for m in messages}
+        targets, eval_config = self._evaluation_targets(rnd, arrays, grid)
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: eval_config})
+        messages = [Message(content=record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in targets]
+        self.eval_round = rnd
+        self.sampled["evaluate"] = set(targets)
         self.sent["evaluate"] = messages
         self.round_bytes[0] += record_nbytes(arrays) * len(messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        rnd = self.true_round(server_round)
         replies = list(replies)
-        if not replies and not self.sampled["evaluate"]:
+        if self.eval_round is None or (not replies and not self.sampled["evaluate"]):
             return None
+        pooled = self._record_evaluation(self.eval_round, [(m, "metrics") for m in replies])
+        return MetricRecord({f"{r['split']}-{r['ts']}-{k}": float(r[k]) for r in pooled if r["kind"] == "pooled" for k in ("accuracy", "ece", "nll") if r.get(k) is not None})
+
+    def _record_evaluation(self, rnd: int, replies: list[tuple[Message, str]]) -> list[dict]:
+        """Validate, record and pool round ``rnd``'s evaluations: (reply, the record holding them)."""
         evals: list[ClientEval] = []
         answered: set[int] = set()
-        ts_mode = str(self.eval_ts_mode)
         n_classes = len(self.registry.class_names())
-        for msg in replies:
+        for msg, record in replies:
             node = self._screen(msg, "evaluate", rnd, answered)
             if node is None:
                 continue
             try:
-                mine = check_evaluate(msg, node, self._info(node), rnd, self.cfg, n_classes, ts_mode)
+                mine = check_evaluate(msg, node, self._info(node), rnd, self.cfg, n_classes, self.eval_ts_mode, record)
             except Rejection as rej:
                 self.ledger.note("rejected", rnd, "evaluate", self._ident(node), rej.reason, rej.detail)
                 continue
@@ -291,9 +353,9 @@ class FedCalMixin:
         self._safely("monitoring", self.monitor.client_eval, evals)
         self._safely("monitoring", self.monitor.pooled_rows, pooled)
         self.last_eval, self.last_pooled = evals, pooled
-        self.round_notes.update(eval_clients=len({e.node_id for e in evals}), eval_sampled=len(self.sampled["evaluate"]))
+        self.round_notes.update(eval_round=rnd, eval_clients=len({e.node_id for e in evals}), eval_sampled=len(self.sampled["evaluate"]))
         self._update_best(rnd, pooled)
-        return MetricRecord({f"{r['split']}-{r['ts']}-{k}": float(r[k]) for r in pooled if r["kind"] == "pooled" for k in ("accuracy", "ece", "nll") if r.get(k) is not None})
+        return pooled
 
     def _update_best(self, rnd: int, pooled: list[dict]) -> None:
         """The best round is chosen on the validation split only (never on test)."""
@@ -348,7 +410,8 @@ class FedCalMixin:
             parts.append(f"train {n['train_valid']}/{n['train_sampled']} valid" + ("" if n.get("aggregated", True) else " (not aggregated)"))
         if n.get("eval_sampled"):
             head = self._headline(self.last_pooled)
-            text = f"eval {n['eval_clients']}/{n['eval_sampled']} clients"
+            of = "" if n.get("eval_round", rnd) == rnd else f" (round {n['eval_round']})"
+            text = f"eval{of} {n['eval_clients']}/{n['eval_sampled']} clients"
             if head:
                 text += f" | pooled {head['split']} acc {head['accuracy']:.4f} ECE {head['ece']:.4f}"
                 for g in ("seen", "unseen"):

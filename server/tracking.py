@@ -24,7 +24,7 @@ class TensorBoardLog:
             suffix = "" if r["ts"] == "none" else f"-ts-{r['ts']}"
             for m in METRICS:
                 if r.get(m) is not None:
-                    self.writer.add_scalar(f"{r['split']}{suffix}/{group}/{m}", r[m], rnd)
+                    self.writer.add_scalar(f"{r['split']}{suffix}/{group}/{m}", r[m], r.get("round", rnd))  # one-phase: the previous round's
         for key in ("seconds", "bytes_sent", "bytes_received", "train_valid", "train_sampled", "eval_clients"):
             if isinstance(round_row.get(key), (int, float)):
                 self.writer.add_scalar(f"round/{key}", round_row[key], rnd)

@@ -37,6 +37,7 @@ from common.config import RunConfig
 from common.replies import (
     EVALUATE_RECORDS,
     OPTIONAL_RECORDS,
+    TRAIN_EVALUATION_RECORD,
     TRAIN_INT_KEYS,
     TRAIN_METRIC_KEYS,
     TRAIN_RECORDS,
@@ -94,7 +95,7 @@ def check_records(msg: Message, required: set[str]) -> None:
     missing, extra = required - names, names - required - OPTIONAL_RECORDS
     if missing or extra:
         raise Rejection("format", f"records {sorted(names)}; expected {sorted(required)}")
-    kinds = {"arrays": content.array_records, "metrics": content.metric_records}
+    kinds = {"arrays": content.array_records, "metrics": content.metric_records, TRAIN_EVALUATION_RECORD: content.metric_records}
     for name in required:
         if name not in kinds[name]:
             raise Rejection("format", f"record {name!r} has the wrong type")
@@ -154,8 +155,11 @@ def decode_arrays(record, reference: dict[str, np.ndarray]) -> tuple[dict[str, n
     return out, nbytes
 
 
-def check_train(msg: Message, node: int, info: NodeInfo, rnd: int, reference: dict[str, np.ndarray], cfg: RunConfig) -> TrainReply:
-    check_records(msg, TRAIN_RECORDS)
+def check_train(msg: Message, node: int, info: NodeInfo, rnd: int, reference: dict[str, np.ndarray], cfg: RunConfig,
+                evaluated: bool = False) -> TrainReply:
+    """A training reply; ``evaluated``: it was asked to evaluate first, so it must also carry
+    TRAIN_EVALUATION_RECORD (validated on its own by :func:`check_evaluate`)."""
+    check_records(msg, TRAIN_RECORDS | ({TRAIN_EVALUATION_RECORD} if evaluated else set()))
     # the arrays first: a NaN update is rejected as non-finite, not for its NaN update-norm metric
     arrays, nbytes = decode_arrays(msg.content["arrays"], reference)
     metrics = dict(msg.content["metrics"])
@@ -207,10 +211,15 @@ def _split_stats(metrics: dict[str, Any], prefix: str, n_bins: int, n_classes: i
     return stats, stats10
 
 
-def check_evaluate(msg: Message, node: int, info: NodeInfo, rnd: int, cfg: RunConfig, n_classes: int, ts_mode: str) -> list[ClientEval]:
-    """The reply's per-split (and per-TS) evaluations, with the registry's identity."""
-    check_records(msg, EVALUATE_RECORDS)
-    metrics = dict(msg.content["metrics"])
+def check_evaluate(msg: Message, node: int, info: NodeInfo, rnd: int, cfg: RunConfig, n_classes: int, ts_mode: str,
+                   record: str = "metrics") -> list[ClientEval]:
+    """The reply's per-split (and per-TS) evaluations, with the registry's identity; ``record``:
+    where they are (an evaluate reply's "metrics", or a one-phase train reply's TRAIN_EVALUATION_RECORD)."""
+    if record == "metrics":
+        check_records(msg, EVALUATE_RECORDS)
+    elif record not in msg.content.metric_records:
+        raise Rejection("format", f"the reply lacks the evaluation it was asked for (record {record!r})")
+    metrics = dict(msg.content[record])
     splits, ts = expected_splits(info, cfg), ts_mode != "none"
     exact_keys(set(metrics), evaluate_metric_keys(splits, ts, cfg.eval.n_bins, n_classes))
     check_round(metrics, rnd)

@@ -118,7 +118,7 @@ def test_pooled_evaluation_is_exact_and_recorded(tmp_path):
     for node, x, y in zip(sorted(reg.info, key=lambda n: reg.info[n].partition_id), logits, labels, strict=True):
         info = reg.info[node]
         replies.append(reply(node, None, eval_metrics(x, y, "test-"), client={"partition-id": info.partition_id, "domain": info.domain, "role": info.role}, message_type="evaluate"))
-    strategy.sampled["evaluate"] = set(reg.info)
+    strategy.sampled["evaluate"], strategy.eval_round = set(reg.info), 1
     strategy.aggregate_evaluate(1, replies)
     rows = read_records(run.path)
     pooled = next(r for r in rows if r["kind"] == "pooled" and r["split"] == "test")
@@ -149,7 +149,7 @@ def test_sampling_is_seeded_by_partition_and_never_picks_unseen(tmp_path):
     picks = []
     for offset in (100, 5000):  # different node ids, same partitions
         reg = registry(n_seen=6, n_unseen=2, offset=offset)
-        strategy, _, _ = make(tmp_path / str(offset), reg=reg, fl__fraction_train=0.5)
+        strategy, _, _ = make(tmp_path / str(offset), reg=reg, fl__fraction_train=0.5, fl__schedule="two-phase")
         strategy.registry.discover = lambda *a, **k: []
         arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
         msgs = strategy.configure_train(3, arrays, ConfigRecord({}), FakeGrid(reg.info))
@@ -212,3 +212,64 @@ def test_superlink_generated_error_replies_are_attributed_to_their_node(tmp_path
     failed = [r for r in rows if r["kind"] == "failed"]
     assert [r["node_id"] for r in failed] == [dead.metadata.dst_node_id] and failed[0]["partition"] == reg.info[dead.metadata.dst_node_id].partition_id
     assert not [r for r in rows if r["kind"] == "missing"]
+
+
+def test_one_phase_train_messages_carry_the_evaluation_two_phase_would_send(tmp_path):
+    """The clients that evaluate round 3 are the ones two-phase's evaluate phase would pick; those
+    that also train in round 4 are asked inside their train message, the rest get evaluate messages."""
+    set_identity()
+    reg = registry(n_seen=6, n_unseen=2)
+    arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    picks = {}
+    for schedule in ("two-phase", "one-phase"):
+        strategy, _, _ = make(tmp_path / schedule, reg=reg, fl__fraction_train=0.5, fl__fraction_evaluate=0.5, fl__schedule=schedule)
+        strategy.registry.discover = lambda *a, **k: []
+        if schedule == "two-phase":
+            picks["evaluate"] = {m.metadata.dst_node_id for m in strategy.configure_evaluate(3, arrays, ConfigRecord({}), FakeGrid(reg.info))}
+            picks["train"] = {m.metadata.dst_node_id for m in strategy.configure_train(4, arrays, ConfigRecord({}), FakeGrid(reg.info))}
+            continue
+        msgs = strategy.configure_train(4, arrays, ConfigRecord({}), FakeGrid(reg.info))
+        assert strategy.configure_evaluate(4, arrays, ConfigRecord({}), FakeGrid(reg.info)) == []  # round 4's rides in round 5
+    sent = {m.metadata.dst_node_id: (m.metadata.message_type, dict(m.content["config"])) for m in msgs}
+    assert len(sent) == len(msgs)  # one message per node
+    assert {n for n, (kind, _) in sent.items() if kind == "train"} == picks["train"]
+    assert {n for n, (kind, c) in sent.items() if kind == "evaluate" or "evaluate-round" in c} == picks["evaluate"]
+    assert picks["evaluate"] - picks["train"] and picks["evaluate"] & picks["train"] and picks["train"] - picks["evaluate"]  # all three cases
+    for n, (kind, c) in sent.items():
+        if kind == "evaluate":
+            assert c["server-round"] == 3 and c["ts-mode"] == "none"
+        elif n in picks["evaluate"]:
+            assert (c["server-round"], c["evaluate-round"], c["evaluate-ts-mode"]) == (4, 3, "none")
+        else:
+            assert "evaluate-round" not in c
+
+
+def test_a_folded_evaluation_is_validated_apart_from_its_training(tmp_path):
+    from flwr.app import MetricRecord
+
+    strategy, run, reg = make(tmp_path)
+    seen, unseen = reg.seen(reg.info), reg.unseen(reg.info)
+    g = torch.Generator().manual_seed(1)
+    honest = eval_metrics(torch.randn(7, 3, generator=g), torch.randint(0, 3, (7,), generator=g), "test-")
+    strategy.sampled["train"] = {seen[0], seen[1], seen[2]}
+    strategy.sampled["evaluate"], strategy.eval_round = {seen[0], seen[1], seen[3], unseen[0]}, 1
+
+    def trained(node, evaluation):
+        msg = reply(node, client_state(node), train_metrics(rnd=2))
+        if evaluation is not None:
+            msg.content["eval-metrics"] = MetricRecord(evaluation)
+        return msg
+
+    replies = [trained(seen[0], honest), trained(seen[1], None), trained(seen[2], None),
+               reply(seen[3], None, honest, message_type="evaluate"), reply(unseen[0], None, {**honest, "server-round": 5}, message_type="evaluate")]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert arrays is not None  # seen[0] and seen[2] trained
+    rows = read_records(run.path)
+    outcome = {(r["phase"], r["partition"]): (r["kind"], r.get("reason")) for r in rows if r["kind"] in ("train", "evaluated", "rejected")}
+    part = {n: reg.info[n].partition_id for n in reg.info}
+    assert outcome[("evaluate", part[seen[0]])] == ("evaluated", None) and outcome[("train", part[seen[0]])] == ("train", None)
+    assert outcome[("evaluate", part[seen[1]])] == ("rejected", "format") and outcome[("train", part[seen[1]])] == ("rejected", "format")
+    assert outcome[("train", part[seen[2]])] == ("train", None) and ("evaluate", part[seen[2]]) not in outcome
+    assert outcome[("evaluate", part[seen[3]])] == ("evaluated", None) and ("train", part[seen[3]]) not in outcome
+    assert outcome[("evaluate", part[unseen[0]])] == ("rejected", "round")
+    assert {r["round"] for r in rows if r["kind"] in ("client", "pooled")} == {1}

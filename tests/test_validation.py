@@ -141,7 +141,7 @@ def _scale(key, f):
 def test_forged_evaluations_are_rejected_and_figures_stay_in_range(setup, forge, reason):
     strategy, run, reg, seen = setup
     replies = honest_eval(strategy, reg)
-    strategy.sampled["evaluate"] = set(reg.info)
+    strategy.sampled["evaluate"], strategy.eval_round = set(reg.info), 1
     msgs = [reply(n, None, forge(m) if n == seen[1] else m, message_type="evaluate") for n, m in replies.items()]
     strategy.aggregate_evaluate(1, msgs)
     rows = read_records(run.path)
@@ -159,7 +159,7 @@ def test_evaluation_identity_comes_from_the_registry(setup):
     """A seen client claiming to be the held-out one changes nothing: its rows carry its registered identity."""
     strategy, run, reg, seen = setup
     replies = honest_eval(strategy, reg)
-    strategy.sampled["evaluate"] = set(reg.info)
+    strategy.sampled["evaluate"], strategy.eval_round = set(reg.info), 1
     msgs = [reply(n, None, m, client={"partition-id": 4, "domain": "d4", "role": "unseen"}, message_type="evaluate") for n, m in replies.items()]
     strategy.aggregate_evaluate(1, msgs)
     rows = read_records(run.path)
@@ -254,7 +254,7 @@ def test_ledger_totals_agree_with_records_checkpoint_and_prometheus(tmp_path):
     seen = reg.seen(reg.info)
     strategy.sampled["train"] = set(seen)
     strategy.aggregate_train(1, [reply(seen[0], client_state(1), train_metrics()), reply(seen[1], client_state(2), train_metrics(10**9))])
-    strategy.sampled["evaluate"] = set(reg.info)
+    strategy.sampled["evaluate"], strategy.eval_round = set(reg.info), 1
     ev = honest_eval(strategy, reg)
     strategy.aggregate_evaluate(1, [reply(n, None, {**m, "test-n-bins": 3} if n == seen[2] else m, message_type="evaluate") for n, m in ev.items()])
     strategy.end_of_round(1, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}))
