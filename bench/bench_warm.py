@@ -7,13 +7,13 @@ head on ViT-B-32 loaded from a local checkpoint file) as a deployed node compute
 Printed: seconds per round and cold / warm.
 
 P4 - a deployed run (real flower-superlink + flower-supernodes on loopback, LoRA ViT-B-32 from the
-checkpoint file, 2 clients, `fl.rounds` rounds) with warm workers and without, against the same
-local work (every client's train + evaluate of every round) in one bare process. Printed: seconds
-per round from the run's records, the ratios, and fedcal's own per-message overhead (relay +
-request/reply conversion) measured in the warm worker's round trips.
+checkpoint file, 2 clients, `fl.rounds` rounds) with warm workers (one phase per round, and the
+two-phase schedule) and without, against the same local work (every client's evaluate + train of
+every round) in one bare process. Printed: seconds per round from the run's records (round 1,
+the steady rounds 2..R-1, the last round with the final evaluation phase) and the ratios.
 
     python bench/bench_warm.py p2 [--method adapter|linear] [--images 128]
-    python bench/bench_warm.py p4 [--rounds 3]
+    python bench/bench_warm.py p4 [--rounds 4]
 """
 
 from __future__ import annotations
@@ -144,18 +144,18 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def deployed(tmp: Path, flat: dict, warm: bool, rounds: int) -> list[float]:
+def deployed(tmp: Path, flat: dict, warm: bool, rounds: int, schedule: str = "one-phase") -> list[float]:
     from deploy.cluster import start_cluster
     from tests.processes import base_env, free_port, preset
 
     env = base_env(tmp, HOME=str(tmp))
-    name = "warm" if warm else "cold"
+    name = ("warm" if warm else "cold") + f"-{schedule}"
     cluster = start_cluster(tmp / f"cluster-{name}", 2, str(DATA), port=free_port(), node_port=free_port(), env=env, warm=warm)
     try:
         cfg = preset(ROOT / "configs" / "offline-smoke.toml", tmp / f"{name}.toml", **{
             **{k: v for k, v in flat.items() if k.startswith(("model.", "method.", "optim.", "data."))},
             "data.path": str(DATA), "data.partitioner": "iid", "data.heldout_domains": "", "fl.rounds": rounds,
-            "fl.min_train_nodes": 2, "fl.min_available_nodes": 2, "eval.temperature_scaling": "none",
+            "fl.min_train_nodes": 2, "fl.min_available_nodes": 2, "eval.temperature_scaling": "none", "fl.schedule": schedule,
             "output.dir": str(tmp / "runs"), "output.run_name": name, "monitoring.enabled": False})
         res = cluster.flwr("run", str(ROOT), cluster.connection, "--stream", "--run-config", str(cfg), timeout=3600)
         rows = _records(tmp / "runs" / name)
@@ -187,13 +187,15 @@ def p4(args) -> None:
     ckpt = checkpoint_file(args.model, tmp)
     flat = run_config(ckpt, args.model, "lora", tmp / "cache", args.images, optim__local_steps=args.steps, optim__batch_size=8)
     base = bare(flat, args.rounds)
-    warm = deployed(tmp, flat, True, args.rounds)
-    cold = deployed(tmp, flat, False, args.rounds)
-    later = lambda xs: sum(xs[1:]) / max(1, len(xs) - 1)  # noqa: E731 - rounds after the first (builds, caches)
+    runs = [("deployed, warm workers, one phase per round", deployed(tmp, flat, True, args.rounds)),
+            ("deployed, warm workers, two phases per round", deployed(tmp, flat, True, args.rounds, "two-phase")),
+            ("deployed, no worker (cold), one phase per round", deployed(tmp, flat, False, args.rounds))]
+    # steady state: the rounds between the first (builds, caches) and the last (one-phase adds the final evaluation phase)
+    middle = lambda xs: sum(xs[1:-1]) / max(1, len(xs) - 2)  # noqa: E731
     print(f"## P4: a deployed LoRA round ({args.model} from a checkpoint file, 2 clients, {args.steps} steps, {args.images} images)\n")
-    print("| | round 1 s | later rounds s (mean) | later / bare |\n|---|---|---|---|")
-    for label, xs in (("bare process (same local work)", base), ("deployed, warm workers", warm), ("deployed, no worker (cold)", cold)):
-        print(f"| {label} | {xs[0]:.1f} | {later(xs):.1f} | x{later(xs) / later(base):.2f} |")
+    print("| | round 1 s | rounds 2..R-1 s (mean) | last round s | rounds 2..R-1 / bare |\n|---|---|---|---|---|")
+    for label, xs in (("bare process (same local work: evaluate + train per client)", base), *runs):
+        print(f"| {label} | {xs[0]:.1f} | {middle(xs):.1f} | {xs[-1]:.1f} | x{middle(xs) / middle(base):.2f} |")
 
 
 def main() -> None:
@@ -202,7 +204,7 @@ def main() -> None:
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--method", default="adapter")
     ap.add_argument("--images", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)
     args = ap.parse_args()
     if str(ROOT) not in sys.path:

@@ -8,7 +8,9 @@ Messages and replies (record names in quotes):
   fednova-a, update-norm), "client" (identity). In one-phase rounds (``fl.schedule``) the config
   may also carry evaluate-round / evaluate-ts-mode / evaluate-temperature: the node then first
   evaluates the state it received (the previous round's figures) and adds them as "eval-metrics",
-  exactly what an ``evaluate`` message would have returned.
+  exactly what an ``evaluate`` message would have returned. If the training then fails, the reply
+  keeps the evaluation and carries the failure as "train-error" (code, reason) instead of "arrays"
+  and "metrics".
 - ``evaluate``: "arrays" + "config" (server-round, temperature, ts-mode)
   -> "metrics" (exact calibration sums per split, before and after temperature scaling, adaptive
   ECE, num-examples), "client" (identity).
@@ -47,7 +49,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from common.replies import TRAIN_EVALUATION_RECORD
+from common.replies import TRAIN_ERROR_RECORD, TRAIN_EVALUATION_RECORD
 
 from . import relay
 from .relay import ERROR_CODE_INTERNAL, Request, Response
@@ -96,6 +98,8 @@ def reply_of(resp: Response, msg: Message, context: Context) -> Message:
         records["metrics"] = MetricRecord(resp.metrics)
     if resp.evaluation is not None:
         records[TRAIN_EVALUATION_RECORD] = MetricRecord(resp.evaluation)
+    if resp.train_error is not None:
+        records[TRAIN_ERROR_RECORD] = ConfigRecord({"code": resp.train_error[0], "reason": resp.train_error[1]})
     if resp.client is not None:
         records["client"] = ConfigRecord(resp.client)
     return Message(RecordDict(records), reply_to=msg)

@@ -124,11 +124,23 @@ def _evaluate_first(req: Request, cfg: RunConfig, node: NodeConfig, runtimes: Wa
 
 
 def _train(req: Request, cfg: RunConfig, node: NodeConfig, runtimes: WarmRuntimes) -> Response:
-    server_round = int(req.config["server-round"])
     rt = runtimes.get(cfg, node)
     if rt.data.role == "unseen":
         raise ConfigError(f"partition {node.partition_id} is a held-out (unseen) client and must not be sampled for training")
     req, evaluation = _evaluate_first(req, cfg, node, runtimes)
+    if evaluation is None:
+        return _train_step(req, cfg, node, rt)
+    try:
+        done = _train_step(req, cfg, node, rt)
+    except Exception as err:  # noqa: BLE001 - the evaluation is done: it goes back, the training failure beside it
+        failed = error_response(err, req)
+        return Response(client=identity(rt, node, cfg), state=req.state, evaluation=evaluation, train_error=failed.error)
+    done.evaluation = evaluation
+    return done
+
+
+def _train_step(req: Request, cfg: RunConfig, node: NodeConfig, rt: ClientRuntime) -> Response:
+    server_round = int(req.config["server-round"])
     global_state = _global_state(req, rt)
     scalars = _scalars(req.state)
     out = rt.train(
@@ -148,7 +160,7 @@ def _train(req: Request, cfg: RunConfig, node: NodeConfig, runtimes: WarmRuntime
     metrics = faults.corrupt_train_metrics(cfg, node.partition_id, metrics)
     log.info("round %d partition %d: %d steps, loss %.4f, %.1fs", server_round, node.partition_id, metrics["local-steps"], out.metrics["train-loss"], metrics["train-seconds"])
     arrays = faults.corrupt_arrays(cfg, node.partition_id, pack_arrays(new, manifest_of(rt)))
-    return Response(arrays, metrics, identity(rt, node, cfg), state, evaluation=evaluation)
+    return Response(arrays, metrics, identity(rt, node, cfg), state)
 
 
 def _temperature(rt: ClientRuntime, cfg: RunConfig, req: Request, logits_cache: dict, scalars: dict) -> float | None:
@@ -207,17 +219,22 @@ KINDS = {"train": _train, "evaluate": _evaluate, "info": _info, "nll-grid": _nll
 
 def handle(req: Request, runtimes: WarmRuntimes = PROCESS_RUNTIMES) -> Response:
     """Compute one message; a user-fixable problem or a crash is a one-line error response."""
-    partition = req.node_config.get("partition-id", "?")
     try:
         cfg, node = from_flower(dict(req.run_config)), parse_node_config(dict(req.node_config))
         if req.kind not in KINDS:
             raise ConfigError(f"unknown message kind {req.kind!r} ({', '.join(KINDS)})")
         return KINDS[req.kind](req, cfg, node, runtimes)
-    except USER_ERRORS as err:
+    except Exception as err:  # noqa: BLE001 - every failure becomes an error reply
+        return error_response(err, req)
+
+
+def error_response(err: Exception, req: Request) -> Response:
+    """A failure as a one-line error response: a user-fixable problem as itself, a crash with its type."""
+    partition = req.node_config.get("partition-id", "?")
+    if isinstance(err, USER_ERRORS):
         reason = f"partition {partition}: {err}"
         log.error(reason)
         return Response(state=req.state, error=(ERROR_CODE_USER, reason))
-    except Exception as err:  # noqa: BLE001 - every failure becomes an error reply
-        log.error("client failed:\n%s", traceback.format_exc())
-        first = str(err).splitlines()[0] if str(err) else ""
-        return Response(state=req.state, error=(ERROR_CODE_INTERNAL, f"partition {partition}: {type(err).__name__}: {first}"))
+    log.error("client failed:\n%s", traceback.format_exc())
+    first = str(err).splitlines()[0] if str(err) else ""
+    return Response(state=req.state, error=(ERROR_CODE_INTERNAL, f"partition {partition}: {type(err).__name__}: {first}"))

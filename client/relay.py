@@ -47,6 +47,7 @@ class Response:
     state: dict[str, Any] = field(default_factory=dict)
     error: tuple[int, str] | None = None
     evaluation: dict[str, Any] | None = None  # a train reply's evaluation of the state it received (one-phase rounds)
+    train_error: tuple[int, str] | None = None  # ... and the training that failed after it
 
 
 _HEADER = struct.Struct(">Q")

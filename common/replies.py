@@ -25,6 +25,8 @@ OPTIONAL_RECORDS = {"client"}
 # a one-phase train reply also carries the evaluation of the state it received, under this name
 # (exactly an evaluate reply's "metrics"); its config asks for it with these keys
 TRAIN_EVALUATION_RECORD = "eval-metrics"
+# ... and, when the training after it failed, the failure (code, reason) instead of arrays and metrics
+TRAIN_ERROR_RECORD = "train-error"
 EVALUATE_FIRST_KEYS = {"server-round": "evaluate-round", "ts-mode": "evaluate-ts-mode", "temperature": "evaluate-temperature"}
 
 # per evaluated split (and per split after temperature scaling): exact sums at n_bins and 10 bins

@@ -44,7 +44,7 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import RunConfig
-from common.replies import EVALUATE_FIRST_KEYS, TRAIN_EVALUATION_RECORD
+from common.replies import EVALUATE_FIRST_KEYS, TRAIN_ERROR_RECORD, TRAIN_EVALUATION_RECORD
 from common.tensors import Manifest, from_record, record_nbytes, unpack
 
 from . import checkpoint
@@ -56,7 +56,7 @@ from .records import ClientEval, RunDirectory, pool
 from .report import write_round_outputs
 from .temperature import fit_global_temperature
 from .tracking import TensorBoardLog
-from .validation import Rejection, check_evaluate, check_train, screen
+from .validation import Rejection, check_evaluate, check_train, screen, train_error_reason
 
 log = logging.getLogger("flwr.fedcal")
 
@@ -138,7 +138,7 @@ class FedCalMixin:
         skip = {"uniform-weight", "server-round"} | ({"fednova-a"} if self.cfg.fl.aggregator != "fednova" else set())
         return {k.replace("-", "_"): v for k, v in metrics.items() if k not in skip}
 
-    def _check_not_all_failing(self, rnd: int, errors: list[Message], sampled: int) -> None:
+    def _check_not_all_failing(self, rnd: int, errors: list[str], sampled: int) -> None:
         """Every sampled client answering with an error two rounds in a row is a broken setup, not bad
         luck: end the run with the first reason instead of recording empty rounds until the end."""
         all_failed = sampled > 0 and len(errors) == sampled
@@ -147,7 +147,7 @@ class FedCalMixin:
             from .nodes import FederationError
 
             self.ledger.flush()  # the round's failures are recorded before the run ends
-            raise FederationError(f"every sampled client failed in rounds {rnd - 1} and {rnd}, e.g. {errors[0].error.reason}")
+            raise FederationError(f"every sampled client failed in rounds {rnd - 1} and {rnd}, e.g. {errors[0]}")
 
     def _note_missing(self, phase: str, rnd: int, answered: set[int]) -> None:
         for node in sorted(self.sampled[phase] - answered):
@@ -214,9 +214,14 @@ class FedCalMixin:
             replies_seen = self._record_folded_evaluation(replies_seen)
         valid: list[Message] = []
         answered: set[int] = set()
+        failures = [m.error.reason for m in replies_seen if m.has_error()]
         for msg in replies_seen:
             node = self._screen(msg, "train", rnd, answered)
             if node is None:
+                continue
+            if TRAIN_ERROR_RECORD in msg.content and node in self.sampled["evaluate"]:  # trained after its evaluation, and failed
+                self.ledger.note("failed", rnd, "train", self._ident(node), train_error_reason(msg))
+                failures.append(train_error_reason(msg))
                 continue
             try:
                 checked = check_train(msg, node, self._info(node), rnd, self.reference, self.cfg, evaluated=node in self.sampled["evaluate"])
@@ -231,7 +236,7 @@ class FedCalMixin:
                 del msg.content[TRAIN_EVALUATION_RECORD]
             valid.append(msg)
         self._note_missing("train", rnd, answered)
-        self._check_not_all_failing(rnd, [m for m in replies_seen if m.has_error()], len(self.sampled["train"]))
+        self._check_not_all_failing(rnd, failures, len(self.sampled["train"]))
         self.round_notes.update(train_sampled=len(self.sampled["train"]), train_valid=len(valid))
         aggregated, metrics = None, None
         if self.sampled["train"] and len(valid) < self.min_train_nodes:

@@ -37,6 +37,7 @@ from common.config import RunConfig
 from common.replies import (
     EVALUATE_RECORDS,
     OPTIONAL_RECORDS,
+    TRAIN_ERROR_RECORD,
     TRAIN_EVALUATION_RECORD,
     TRAIN_INT_KEYS,
     TRAIN_METRIC_KEYS,
@@ -153,6 +154,12 @@ def decode_arrays(record, reference: dict[str, np.ndarray]) -> tuple[dict[str, n
         out[k] = arr
         nbytes += len(payload)
     return out, nbytes
+
+
+def train_error_reason(msg: Message) -> str:
+    """The one-line reason of a one-phase train reply whose training failed after its evaluation."""
+    reason = msg.content[TRAIN_ERROR_RECORD].get("reason") if TRAIN_ERROR_RECORD in msg.content.config_records else None
+    return str(reason).splitlines()[0][:500] if reason else "the training failed (no reason given)"
 
 
 def check_train(msg: Message, node: int, info: NodeInfo, rnd: int, reference: dict[str, np.ndarray], cfg: RunConfig,

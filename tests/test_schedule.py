@@ -61,8 +61,13 @@ def assert_same_run(a, b) -> None:
 
 
 def test_one_phase_records_equal_two_phase_in_fewer_phases(pacs_dir, tmp_path):
-    runs = both(pacs_dir, tmp_path)
+    """Partition 2 crashes whenever it trains (fault.plan): in one phase its train reply still
+    returns the evaluation it did first, and the training failure is recorded beside it."""
+    runs = both(pacs_dir, tmp_path, fault__plan="2:crash")
     assert_same_run(runs["two-phase"], runs["one-phase"])
+    outcomes = sorted((r["round"], r["phase"], r["kind"]) for r in read_records(runs["one-phase"][0]) if r.get("partition") == 2 and r["kind"] != "client")
+    assert [o for o in outcomes if o[1] == "train"] == [(2, "train", "failed"), (3, "train", "failed")]
+    assert [o for o in outcomes if o[1] == "evaluate"] == [(1, "evaluate", "evaluated"), (2, "evaluate", "evaluated"), (3, "evaluate", "evaluated")]
     # the records are not empty: every round evaluated, both message kinds, TS at the end
     rows = read_records(runs["one-phase"][0])
     assert {r["round"] for r in rows if r["kind"] == "client"} == {1, 2, 3}
