@@ -34,6 +34,29 @@ def test_local_checkpoint_file_loads(tmp_path):
         assert torch.equal(clip.model.encode_image(image), again.model.encode_image(image))
 
 
+def test_a_checkpoint_build_draws_no_random_init_and_leaves_torch_as_it_was(tmp_path, monkeypatch):
+    """With a checkpoint, no initialiser runs (the checkpoint overwrites every parameter); the
+    file's tensors come back exactly and torch.nn.init is restored afterwards, even after a failure."""
+    from common.model import skip_random_init
+
+    clip = load_clip("fedcal-tiny", None, init_seed=3)
+    path = tmp_path / "tiny.pt"
+    torch.save(clip.model.state_dict(), path)
+    originals = {n: getattr(torch.nn.init, n) for n in ("normal_", "trunc_normal_", "kaiming_uniform_", "zeros_")}
+    drawn = []
+    real_normal = torch.nn.init.normal_
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda t, *a, **k: drawn.append(t.shape) or real_normal(t, *a, **k))
+    originals["normal_"] = torch.nn.init.normal_
+    again = load_clip("fedcal-tiny", str(path))
+    assert drawn == []  # the random-init build above draws with normal_; this one must not
+    load_clip("fedcal-tiny", None)
+    assert drawn  # ... and a build without a checkpoint still does
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in clip.model.state_dict().items())
+    with pytest.raises(RuntimeError), skip_random_init():
+        raise RuntimeError("boom")
+    assert all(getattr(torch.nn.init, n) is fn for n, fn in originals.items())
+
+
 def test_transforms_and_tokenizer(pacs_dir):
     from PIL import Image
 
