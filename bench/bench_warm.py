@@ -156,6 +156,8 @@ def deployed(tmp: Path, flat: dict, warm: bool, rounds: int, schedule: str = "on
             **{k: v for k, v in flat.items() if k.startswith(("model.", "method.", "optim.", "data."))},
             "data.path": str(DATA), "data.partitioner": "iid", "data.heldout_domains": "", "fl.rounds": rounds,
             "fl.min_train_nodes": 2, "fl.min_available_nodes": 2, "eval.temperature_scaling": "none", "fl.schedule": schedule,
+            # the 2 nodes compute at the same time: each gets half the cores (the bare process has them all, one client after the other)
+            "optim.num_threads": max(1, (os.cpu_count() or 2) // 2),
             "output.dir": str(tmp / "runs"), "output.run_name": name, "monitoring.enabled": False})
         res = cluster.flwr("run", str(ROOT), cluster.connection, "--stream", "--run-config", str(cfg), timeout=3600)
         rows = _records(tmp / "runs" / name)

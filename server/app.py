@@ -25,6 +25,7 @@ from . import checkpoint, report
 from .ledger import Ledger, totals_from_rows
 from .monitoring import Monitor
 from .nodes import FederationError, NodeRegistry
+from .polling import QuickPolling
 from .records import RunDirectory, atomic_text
 from .strategy import SimulatedCrash, build_strategy
 
@@ -61,6 +62,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid: Grid, context: Context) -> dict:
     cfg = from_flower(dict(context.run_config))
+    grid = QuickPolling(grid, cfg.fl.poll_interval)  # type: ignore[assignment] - a Grid in everything but its class
     run = RunDirectory.create(cfg, owner=f"Flower run {context.run_id}")
     try:
         return _run_in(run, cfg, grid)

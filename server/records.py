@@ -243,7 +243,7 @@ def _finite(value: Any) -> Any:
 
 
 # keys that may differ between the interrupted run and its resumption
-_RESUME_FREE = ("fl.rounds", "output.", "monitoring.", "fl.round_timeout", "fl.node_wait_timeout", "fault.", "model.device", "model.cache_dir", "data.cache_dir", "data.num_workers", "optim.num_threads", "eval.diagrams")
+_RESUME_FREE = ("fl.rounds", "output.", "monitoring.", "fl.round_timeout", "fl.node_wait_timeout", "fl.poll_interval", "fault.", "model.device", "model.cache_dir", "data.cache_dir", "data.num_workers", "optim.num_threads", "eval.diagrams")
 
 
 def _check_compatible(cfg: RunConfig, saved: dict[str, Any]) -> None:
