@@ -62,6 +62,10 @@ STATE_SCALARS = "fedcal"  # carot-step, temperature
 
 
 # ------------------------------------------------------------------ message <-> plain data
+def _record(arrays: dict) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
 def _state_in(context: Context) -> dict:
     state: dict = {}
     for key in STATE_ARRAYS:
@@ -75,7 +79,7 @@ def _state_in(context: Context) -> dict:
 def _state_out(context: Context, state: dict) -> None:
     for key in STATE_ARRAYS:
         if state.get(key) is not None:
-            context.state[key] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state[key].items()})
+            context.state[key] = _record(state[key])
     if "scalars" in state:
         context.state[STATE_SCALARS] = ConfigRecord(dict(state["scalars"]))
 
@@ -93,7 +97,7 @@ def reply_of(resp: Response, msg: Message, context: Context) -> Message:
     _state_out(context, resp.state)
     records: dict = {}
     if resp.arrays is not None:
-        records["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in resp.arrays.items()})
+        records["arrays"] = _record(resp.arrays)
     if resp.metrics is not None:
         records["metrics"] = MetricRecord(resp.metrics)
     if resp.evaluation is not None:
@@ -120,7 +124,7 @@ def compute(req: Request) -> Response:
         except relay.WorkerUnavailable as err:
             log.warning("%s: computing in this process (start `fedcal worker --socket %s` to keep the node warm)", err, path)
         except relay.WorkerFailed as err:
-            return Response(state=req.state, error=(ERROR_CODE_INTERNAL, f"partition {req.node_config.get('partition-id', '?')}: {err}"))
+            return Response(state=req.state, error=(ERROR_CODE_INTERNAL, relay.failure_reason(req.node_config, err, with_type=False)))
     from .handlers import handle  # torch, CLIP and the data stack: only where computed
 
     return handle(req)
@@ -131,8 +135,7 @@ def serve(kind: str, msg: Message, context: Context) -> Message:
         return reply_of(compute(request_of(kind, msg, context)), msg, context)
     except Exception as err:  # noqa: BLE001 - a malformed message is an error reply, never a crash
         log.error("client failed:\n%s", traceback.format_exc())
-        reason = f"partition {context.node_config.get('partition-id', '?')}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        return Message(Error(code=ERROR_CODE_INTERNAL, reason=reason), reply_to=msg)
+        return Message(Error(code=ERROR_CODE_INTERNAL, reason=relay.failure_reason(context.node_config, err)), reply_to=msg)
 
 
 @app.train()

@@ -11,6 +11,7 @@ keyed by everything that shapes them, so a process that serves several messages 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from common.replies import EVALUATE_FIRST_KEYS
 from common.tensors import Manifest, ManifestError, check_flat, pack_arrays, unflatten
 
 from . import faults
-from .relay import ERROR_CODE_INTERNAL, ERROR_CODE_USER, Request, Response
+from .relay import ERROR_CODE_INTERNAL, ERROR_CODE_USER, Request, Response, failure_reason
 from .runtime import ClientRuntime
 
 log = logging.getLogger("fedcal.client")
@@ -113,35 +114,30 @@ def _global_state(req: Request, rt: ClientRuntime) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ the message kinds
-def _evaluate_first(req: Request, cfg: RunConfig, node: NodeConfig, runtimes: WarmRuntimes) -> tuple[Request, dict | None]:
-    """One-phase rounds: evaluate the received state as an evaluate message would (the previous
-    round's figures) before training; the training request continues from the state it leaves."""
-    if EVALUATE_FIRST_KEYS["server-round"] not in req.config:
-        return req, None
-    config = {key: req.config[asked] for key, asked in EVALUATE_FIRST_KEYS.items() if asked in req.config}
-    done = _evaluate(Request("evaluate", req.run_config, req.node_config, config, req.arrays, req.state), cfg, node, runtimes)
-    return Request(req.kind, req.run_config, req.node_config, req.config, req.arrays, done.state), done.metrics
-
-
 def _train(req: Request, cfg: RunConfig, node: NodeConfig, runtimes: WarmRuntimes) -> Response:
+    """Train on the received state. In one-phase rounds (the config asks with EVALUATE_FIRST_KEYS)
+    first evaluate it as an evaluate message would (the previous round's figures); training then
+    continues from the client state the evaluation leaves, and a training failure keeps the evaluation."""
     rt = runtimes.get(cfg, node)
     if rt.data.role == "unseen":
         raise ConfigError(f"partition {node.partition_id} is a held-out (unseen) client and must not be sampled for training")
-    req, evaluation = _evaluate_first(req, cfg, node, runtimes)
-    if evaluation is None:
-        return _train_step(req, cfg, node, rt)
+    global_state = _global_state(req, rt)  # decoded once for both
+    if EVALUATE_FIRST_KEYS["server-round"] not in req.config:
+        return _train_step(req, cfg, node, rt, global_state)
+    asked = {key: req.config[wire] for key, wire in EVALUATE_FIRST_KEYS.items() if wire in req.config}
+    evaluated = _evaluation(rt, cfg, node, asked, req.state, global_state)
+    req = dataclasses.replace(req, state=evaluated.state)
     try:
-        done = _train_step(req, cfg, node, rt)
+        done = _train_step(req, cfg, node, rt, global_state)
     except Exception as err:  # noqa: BLE001 - the evaluation is done: it goes back, the training failure beside it
         failed = error_response(err, req)
-        return Response(client=identity(rt, node, cfg), state=req.state, evaluation=evaluation, train_error=failed.error)
-    done.evaluation = evaluation
+        return Response(client=identity(rt, node, cfg), state=req.state, evaluation=evaluated.metrics, train_error=failed.error)
+    done.evaluation = evaluated.metrics
     return done
 
 
-def _train_step(req: Request, cfg: RunConfig, node: NodeConfig, rt: ClientRuntime) -> Response:
+def _train_step(req: Request, cfg: RunConfig, node: NodeConfig, rt: ClientRuntime, global_state: dict[str, torch.Tensor]) -> Response:
     server_round = int(req.config["server-round"])
-    global_state = _global_state(req, rt)
     scalars = _scalars(req.state)
     out = rt.train(
         global_state, server_round=server_round, fl_config=dict(req.config),
@@ -163,9 +159,9 @@ def _train_step(req: Request, cfg: RunConfig, node: NodeConfig, rt: ClientRuntim
     return Response(arrays, metrics, identity(rt, node, cfg), state)
 
 
-def _temperature(rt: ClientRuntime, cfg: RunConfig, req: Request, logits_cache: dict, scalars: dict) -> float | None:
-    ts_mode = str(req.config.get("ts-mode", "none"))
-    global_t = float(req.config.get("temperature", 1.0))
+def _temperature(rt: ClientRuntime, cfg: RunConfig, config: dict, logits_cache: dict, scalars: dict) -> float | None:
+    ts_mode = str(config.get("ts-mode", "none"))
+    global_t = float(config.get("temperature", 1.0))
     if ts_mode == "per-client" and rt.data.role == "seen":
         logits, labels = logits_cache.get(cfg.eval.ts_split) or rt.logits(cfg.eval.ts_split)
         temperature = fit_temperature(logits, labels) if len(labels) else global_t
@@ -175,14 +171,19 @@ def _temperature(rt: ClientRuntime, cfg: RunConfig, req: Request, logits_cache: 
 
 
 def _evaluate(req: Request, cfg: RunConfig, node: NodeConfig, runtimes: WarmRuntimes) -> Response:
+    rt = runtimes.get(cfg, node)
+    return _evaluation(rt, cfg, node, req.config, req.state, _global_state(req, rt))
+
+
+def _evaluation(rt: ClientRuntime, cfg: RunConfig, node: NodeConfig, config: dict, state: dict, global_state: dict[str, torch.Tensor]) -> Response:
+    """The evaluate reply for ``global_state`` (config: server-round, ts-mode, temperature)."""
     from .train import evaluate_logits
 
-    rt = runtimes.get(cfg, node)
-    rt.method.load_trainable_state(_global_state(req, rt))
+    rt.method.load_trainable_state(global_state)
     splits = ["test"] if rt.data.role == "unseen" else cfg.eval.split_list()
-    scalars = _scalars(req.state)
+    scalars = _scalars(state)
     logits_cache = {split: rt.logits(split) for split in set(splits)}
-    temperature = _temperature(rt, cfg, req, logits_cache, scalars)
+    temperature = _temperature(rt, cfg, config, logits_cache, scalars)
     metrics: dict[str, Any] = {"num-examples": 0}
     for split in splits:
         logits, labels = logits_cache[split]
@@ -190,9 +191,9 @@ def _evaluate(req: Request, cfg: RunConfig, node: NodeConfig, runtimes: WarmRunt
         if temperature is not None:
             metrics.update(evaluate_logits(split, logits, labels, cfg.eval.n_bins, temperature).metrics(f"{split}-ts-"))
         metrics["num-examples"] += int(len(labels))
-    metrics["server-round"] = int(req.config.get("server-round", 0))
+    metrics["server-round"] = int(config.get("server-round", 0))
     metrics = faults.corrupt_eval_metrics(cfg, node.partition_id, metrics)
-    return Response(None, metrics, identity(rt, node, cfg), {**req.state, "scalars": scalars})
+    return Response(None, metrics, identity(rt, node, cfg), {**state, "scalars": scalars})
 
 
 def _info(req: Request, cfg: RunConfig, node: NodeConfig, runtimes: WarmRuntimes) -> Response:
@@ -230,11 +231,9 @@ def handle(req: Request, runtimes: WarmRuntimes = PROCESS_RUNTIMES) -> Response:
 
 def error_response(err: Exception, req: Request) -> Response:
     """A failure as a one-line error response: a user-fixable problem as itself, a crash with its type."""
-    partition = req.node_config.get("partition-id", "?")
     if isinstance(err, USER_ERRORS):
-        reason = f"partition {partition}: {err}"
+        reason = failure_reason(req.node_config, err, with_type=False)
         log.error(reason)
         return Response(state=req.state, error=(ERROR_CODE_USER, reason))
     log.error("client failed:\n%s", traceback.format_exc())
-    first = str(err).splitlines()[0] if str(err) else ""
-    return Response(state=req.state, error=(ERROR_CODE_INTERNAL, f"partition {partition}: {type(err).__name__}: {first}"))
+    return Response(state=req.state, error=(ERROR_CODE_INTERNAL, failure_reason(req.node_config, err)))

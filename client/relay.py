@@ -54,6 +54,13 @@ _HEADER = struct.Struct(">Q")
 MAX_FRAME = 8 << 30  # 8 GiB: more than any trainable state fedcal sends (full ViT-L fp32 is ~1.7 GB)
 
 
+def failure_reason(node_config: dict[str, Any], err: BaseException, with_type: bool = True) -> str:
+    """A failure as the reason a reply carries: the partition, then the error type and the first line
+    of its message, or (``with_type=False``: a user-fixable error, written as one line) its message."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"partition {node_config.get('partition-id', '?')}: " + (f"{type(err).__name__}: {first}" if with_type else str(err))
+
+
 class WorkerUnavailable(ConnectionError):
     """No warm worker listens on the socket (not started, or gone)."""
 

@@ -12,6 +12,7 @@ and final state are the same with and without the worker.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def run_worker(socket_path: str | Path, *, ready_file: str | Path | None = None)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     sock = relay.listen(socket_path)
-    log.info("warm worker listening on %s (pid %d)", socket_path, __import__("os").getpid())
+    log.info("warm worker listening on %s (pid %d)", socket_path, os.getpid())
     if ready_file:
         Path(ready_file).write_text(str(socket_path))
     try:

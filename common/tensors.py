@@ -46,8 +46,7 @@ class Manifest:
 
     @cached_property
     def digest(self) -> str:
-        text = json.dumps([[k, list(s), d] for k, s, d in self.entries], separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     @cached_property
     def groups(self) -> dict[str, list[tuple[str, tuple[int, ...], int]]]:

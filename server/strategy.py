@@ -198,14 +198,17 @@ class FedCalMixin:
                 m = Message(content=content, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.TRAIN)
             out.append(m)
         trained = {m.metadata.dst_node_id for m in train_messages}
-        evaluate_only = [n for n in targets if n not in trained]
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: eval_config})
-        out += [Message(content=record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in evaluate_only]
-        self.round_bytes[0] += record_nbytes(arrays) * len(evaluate_only)
-        self.eval_round = rnd
-        self.sampled["evaluate"] = set(targets)
+        out += self._evaluate_messages(rnd, targets, [n for n in targets if n not in trained], arrays, eval_config)
         self.sent["evaluate"] = out
         return out
+
+    def _evaluate_messages(self, rnd: int, targets: list[int], nodes: list[int], arrays: ArrayRecord, eval_config: ConfigRecord) -> list[Message]:
+        """Evaluate messages to ``nodes``, with round ``rnd``'s evaluation of ``targets`` now pending."""
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: eval_config})
+        self.round_bytes[0] += record_nbytes(arrays) * len(nodes)
+        self.eval_round = rnd
+        self.sampled["evaluate"] = set(targets)
+        return [Message(content=record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = self.true_round(server_round)
@@ -220,8 +223,8 @@ class FedCalMixin:
             if node is None:
                 continue
             if TRAIN_ERROR_RECORD in msg.content and node in self.sampled["evaluate"]:  # trained after its evaluation, and failed
-                self.ledger.note("failed", rnd, "train", self._ident(node), train_error_reason(msg))
                 failures.append(train_error_reason(msg))
+                self.ledger.note("failed", rnd, "train", self._ident(node), failures[-1])
                 continue
             try:
                 checked = check_train(msg, node, self._info(node), rnd, self.reference, self.cfg, evaluated=node in self.sampled["evaluate"])
@@ -321,12 +324,8 @@ class FedCalMixin:
         self.registry.discover(grid, self.ledger, rnd)
         self.ledger.flush()
         targets, eval_config = self._evaluation_targets(rnd, arrays, grid)
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: eval_config})
-        messages = [Message(content=record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in targets]
-        self.eval_round = rnd
-        self.sampled["evaluate"] = set(targets)
+        messages = self._evaluate_messages(rnd, targets, targets, arrays, eval_config)
         self.sent["evaluate"] = messages
-        self.round_bytes[0] += record_nbytes(arrays) * len(messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
