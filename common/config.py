@@ -198,6 +198,7 @@ class DataConfig(_Section):
     augment: Literal["auto", "rrc-flip", "none"] = Field("auto", description="Train augmentation: auto = none for adapter/linear/zeroshot (FedCLIP), random-resized-crop + flip otherwise.")
     cache_dir: str = Field("~/.cache/fedcal", description="Per-node cache for frozen image features and large client state.")
     feature_cache: bool = Field(True, description="Cache frozen image embeddings for methods whose image tower is frozen.")
+    partition_cache: bool = Field(True, description="Cache each node's partition rows under data.cache_dir/partitions (keyed by the data fingerprint, the partition settings and flwr_datasets' version), so a cold client start skips repartitioning.")
     num_workers: int = Field(-1, ge=-1, description="DataLoader workers decoding images; -1 = auto: 0 on a CPU device, min(8, CPUs/2) when training on a GPU (there the input pipeline, not the step, bounds LoRA training).")
 
     def loader_workers(self, device_type: str) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ import numpy as np
 
 from .config import ConfigError, DataConfig, NodeConfig, expand_path
 from .hub import HubUnavailable, offline_requested, reachable
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -313,6 +316,52 @@ def partition_rows(source: Source, cfg: DataConfig, num_partitions: int) -> list
         return _partition_rows(source, cfg, num_partitions)
 
 
+#: The DataConfig fields that decide the partitions (with the source's fingerprint and the count).
+PARTITION_FIELDS = ("partitioner", "seed", "alpha", "clients_per_domain", "classes_per_client", "shots")
+
+
+def partition_key(source: Source, cfg: DataConfig, num_partitions: int) -> str:
+    """Names the partitions of ``source`` under ``cfg``: the data fingerprint, the partition
+    config and flwr_datasets' version (its partitioners draw the rows)."""
+    from importlib.metadata import version
+
+    parts = ["v1", source.fingerprint, str(len(source)), str(int(num_partitions)), version("flwr_datasets")]
+    parts += [f"{name}={getattr(cfg, name)!r}" for name in PARTITION_FIELDS]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+def cached_partition_rows(source: Source, cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:
+    """:func:`partition_rows` through a per-node file cache (``<data.cache_dir>/partitions/``,
+    ``data.partition_cache``): a cold ClientApp skips flwr_datasets' tables. A file that does not
+    hold ``num_partitions`` sorted in-range int64 row arrays is recomputed; files are written
+    atomically."""
+    if not cfg.partition_cache or not cfg.cache_dir:
+        return partition_rows(source, cfg, num_partitions)
+    path = expand_path(cfg.cache_dir, "data.cache_dir") / "partitions" / f"{partition_key(source, cfg, num_partitions)}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                parts = [stored[f"p{i}"] for i in range(num_partitions)]
+            if len(stored.files) == num_partitions and all(_valid_rows(r, len(source)) for r in parts):
+                return parts
+            log.warning("partition cache %s does not match the data; recomputing", path)
+        except Exception as err:  # truncated or foreign: recompute
+            log.warning("partition cache %s unreadable (%s); recomputing", path, err)
+    parts = partition_rows(source, cfg, num_partitions)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
+        np.savez(tmp, **{f"p{i}": np.ascontiguousarray(r, dtype=np.int64) for i, r in enumerate(parts)})
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only cache only costs the next start its partitioning
+        log.warning("partition cache %s not written (%s)", path, err)
+    return parts
+
+
+def _valid_rows(rows: np.ndarray, n: int) -> bool:
+    return rows.dtype == np.int64 and rows.ndim == 1 and (not len(rows) or (rows[0] >= 0 and rows[-1] < n and bool(np.all(rows[1:] >= rows[:-1]))))
+
+
 def _partition_rows(source: Source, cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:
     from flwr_datasets.partitioner import (
         IidPartitioner,
@@ -457,7 +506,7 @@ def load_client_data(cfg: DataConfig, node: NodeConfig) -> ClientData:
         raise ConfigError(f"data.heldout_domains names {unknown[0]!r}, which is not a domain of this dataset ({', '.join(domains)})")
     if cfg.heldout() and cfg.partitioner not in ("domain", "domain-dirichlet"):
         raise ConfigError("data.heldout_domains needs a domain partitioner (data.partitioner = domain or domain-dirichlet)")
-    parts = partition_rows(source, cfg, node.num_partitions)
+    parts = cached_partition_rows(source, cfg, node.num_partitions)
     rows = parts[node.partition_id]
     if len(rows) == 0:
         raise DataError(

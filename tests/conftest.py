@@ -1,4 +1,4 @@
-"""Shared fixtures: the real PACS subset, tiny CLIPs, an isolated HOME for caches."""
+"""Shared fixtures: the real PACS subset, tiny CLIPs, a session cache folder for data.cache_dir."""
 
 from __future__ import annotations
 
@@ -47,8 +47,14 @@ def pacs_dir(tmp_path_factory) -> Path:
     return stand_in_pacs(base / "pacs", base / "cache")
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    """data.cache_dir for tests that do not name one: the user's ~/.cache/fedcal stays untouched."""
+    return tmp_path_factory.mktemp("fedcal-cache")
+
+
 @pytest.fixture()
-def tiny_cfg(pacs_dir):
+def tiny_cfg(pacs_dir, session_cache):
     """A RunConfig for the tiny CLIP on pacs-mini."""
     from common import config
 
@@ -58,6 +64,7 @@ def tiny_cfg(pacs_dir):
             "model__pretrained": "",
             "data__path": str(pacs_dir),
             "data__partitioner": "domain",
+            "data__cache_dir": str(session_cache),
         }
         base.update(overrides)
         return config.load(None, **base)

@@ -135,3 +135,42 @@ def test_pacs_mini_is_the_documented_subset(pacs_dir):
                    key=lambda p: str(p.relative_to(pacs_dir.parent)).encode())
     lines = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(pacs_dir.parent)}\n" for p in files)
     assert hashlib.sha256(lines.encode()).hexdigest() == "6c946b71668bf0e1fc325492b9f195aac2608df8c72dc6375752060421cdc98d"
+
+
+def test_partition_cache_returns_the_computed_rows_and_survives_bad_files(tiny_cfg, tmp_path, monkeypatch):
+    """A cold client start reads its partitions from data.cache_dir/partitions: the same rows as
+    partitioning (flwr_datasets' tables) gives, without running it; a change of any partition
+    setting is another file; a truncated or foreign file is recomputed, not trusted."""
+    import common.data as data_mod
+
+    cfg = tiny_cfg(data__partitioner="dirichlet", data__cache_dir=str(tmp_path / "cache")).data
+    fresh = load_client_data(cfg.model_copy(update={"partition_cache": False}), node(2, 5))
+    first = load_client_data(cfg, node(2, 5))
+    files = sorted((tmp_path / "cache" / "partitions").glob("*.npz"))
+    assert len(files) == 1
+
+    def no_partitioning(*_a, **_k):
+        raise AssertionError("partitioned although the cache holds the rows")
+
+    monkeypatch.setattr(data_mod, "_partition_rows", no_partitioning)
+    hits = {pid: load_client_data(cfg, node(pid, 5)) for pid in (0, 2, 4)}  # every client of the federation reads the one file
+    assert all(np.array_equal(hits[2].splits[s], fresh.splits[s]) for s in ("train", "val", "test"))
+    assert all(np.array_equal(first.splits[s], fresh.splits[s]) for s in ("train", "val", "test"))
+    for changed in ({"seed": 7}, {"alpha": 0.3}):  # another partition config: not the cached rows
+        with pytest.raises(AssertionError, match="partitioned although"):
+            load_client_data(cfg.model_copy(update=changed), node(2, 5))
+    with pytest.raises(AssertionError, match="partitioned although"):
+        load_client_data(cfg, node(2, 6))
+    monkeypatch.undo()
+
+    src = load_source(cfg)
+    n = len(src)
+    for bad in (b"not an npz", None):
+        if bad is None:  # a well-formed file whose rows run past the data
+            np.savez(files[0], **{f"p{i}": np.array([0, n + 5], dtype=np.int64) for i in range(5)})
+        else:
+            files[0].write_bytes(bad)
+        again = load_client_data(cfg, node(2, 5))
+        assert all(np.array_equal(again.splits[s], fresh.splits[s]) for s in ("train", "val", "test"))
+    with np.load(files[0]) as stored:  # rewritten with the right rows
+        assert np.array_equal(stored["p2"], data_mod.partition_rows(src, cfg, 5)[2])
