@@ -1,25 +1,47 @@
 """Everything one client process needs for one message: config, data, frozen CLIP, method.
 
-In deployment each Flower message starts a fresh ClientApp process, so a runtime is built per
-message: the partition is recomputed (cheap, deterministic), CLIP is loaded from the local cache
-and the method is rebuilt with the same seed as on the server, then the global trainable state
-from the message is loaded into it.
+Without a warm worker each Flower message starts a fresh ClientApp process, so a runtime is built
+per message: the partition comes from the per-node partition cache (or is recomputed,
+deterministically), CLIP is loaded from the local cache and the method is rebuilt with the same
+seed as on the server, then the global trainable state from the message is loaded into it. A
+method with frozen towers (adapter, linear, zero-shot, without augmentation) whose splits are all
+in the feature cache skips CLIP: it is built on the stored class text features and logit scale
+(:class:`~common.model.HeadlessClip`) with the cached image embeddings held in memory.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torchvision import transforms as T
 
-from common.config import NodeConfig, RunConfig
+from common.config import NodeConfig, RunConfig, expand_path
 from common.data import ClientData, load_client_data
 from common.methods import ClipMethod, build_method
-from common.model import LoadedClip, load_clip, resolve_device
+from common.model import (
+    HeadlessClip,
+    LoadedClip,
+    TransformRef,
+    autocast,
+    load_clip,
+    no_tokenizer,
+    resolve_device,
+    templates_for,
+)
 from common.names import NO_AUGMENT_METHODS
 
+from .features import (
+    FROZEN_TOWER_METHODS,
+    cache_key,
+    embeddings_path,
+    load_frozen_text,
+    read_embeddings,
+    store_frozen_text,
+    text_path,
+)
 from .train import SplitEvaluation, SplitInputs, TrainOutcome, evaluate_logits, local_train, predict
 
 log = logging.getLogger(__name__)
@@ -39,6 +61,39 @@ def rrc_flip(clip: LoadedClip):
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
+
+
+def augments(cfg: RunConfig) -> bool:
+    """Whether training draws random augmentations (then its images cannot come from the cache)."""
+    mode = cfg.data.augment
+    return mode == "rrc-flip" or (mode == "auto" and cfg.method.name not in NO_AUGMENT_METHODS)
+
+
+def frozen_text_file(cfg: RunConfig, device: torch.device, class_names: list[str]) -> Path | None:
+    """Where this run's frozen-text file lives, or None when its clients cannot run without CLIP
+    (a method that trains or needs a tower, augmentation, captions, or no feature cache)."""
+    if (cfg.method.name not in FROZEN_TOWER_METHODS or not cfg.data.feature_cache or not cfg.data.cache_dir
+            or augments(cfg) or cfg.loss.captions != "class"):
+        return None
+    templates = templates_for(cfg.method.templates, cfg.method.template)
+    return text_path(expand_path(cfg.data.cache_dir, "data.cache_dir"), cfg.model.name, cfg.model.pretrained, cfg.model.precision,
+                     device, list(class_names), templates)
+
+
+def _headless(cfg: RunConfig, device: torch.device, data: ClientData, headless: HeadlessClip, transform: TransformRef):
+    """(LoadedClip on the HeadlessClip, preloaded embeddings) when every non-empty split's image
+    embeddings are cached; None otherwise (CLIP is then loaded)."""
+    cache_dir = expand_path(cfg.data.cache_dir, "data.cache_dir")
+    preloaded = {}
+    for split in ("train", "val", "test"):
+        if not data.size(split):
+            continue
+        key = cache_key(cfg.model.name, cfg.model.pretrained, cfg.model.precision, device, data, split, transform)
+        stored = read_embeddings(embeddings_path(cache_dir, key), data, split)
+        if stored is None:
+            return None
+        preloaded[split] = stored
+    return LoadedClip(headless, None, transform, no_tokenizer), preloaded
 
 
 #: Logit given to the classes a projected held-out set does not contain: finite (the reply stays
@@ -63,6 +118,9 @@ class ClientRuntime:
     clip: LoadedClip
     method: ClipMethod
     device: torch.device
+    #: split -> (embeddings, labels) read when the runtime was built on a HeadlessClip: every
+    #: cacheable split's embeddings, held so that no later message needs the image tower
+    preloaded: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def create(cls, cfg: RunConfig, node: NodeConfig, data: ClientData | None = None) -> ClientRuntime:
@@ -72,20 +130,34 @@ class ClientRuntime:
             torch.set_num_threads(cfg.optim.num_threads)
         device = resolve_device(node.device or cfg.model.device)
         data = data or load_client_data(cfg.data, node)
+        text_file = frozen_text_file(cfg, device, data.class_names)
+        stored_text = load_frozen_text(text_file, data.class_names, templates_for(cfg.method.templates, cfg.method.template),
+                                       cfg.model.precision, device) if text_file else None
+        headless = _headless(cfg, device, data, *stored_text) if stored_text else None
+        if headless is not None:
+            clip, preloaded = headless
+            method = build_method(cfg, clip, data.class_names, seed=cfg.optim.seed)
+            log.info("client %s: %s on cached features and text features, CLIP not loaded", node.partition_id, cfg.method.name)
+            return cls(cfg, node, data, clip, method, device, preloaded)
         clip = load_clip(cfg.model.name, cfg.model.pretrained, device=device, precision=cfg.model.precision,
                          cache_dir=cfg.model.cache_dir or None, offline=cfg.model.offline)
         method = build_method(cfg, clip, data.class_names, seed=cfg.optim.seed)
+        if text_file and stored_text is None:  # absent, damaged or foreign: (re)written
+            try:
+                store_frozen_text(text_file, method, clip.preprocess_eval, lambda: autocast(cfg.model.precision, device))
+            except OSError as err:  # a read-only cache costs only the next start its CLIP load
+                log.warning("frozen-text file %s not written (%s)", text_file, err)
         return cls(cfg, node, data, clip, method, device)
 
     # ------------------------------------------------------------------ inputs
     def augment(self) -> bool:
-        mode = self.cfg.data.augment
-        return mode == "rrc-flip" or (mode == "auto" and self.method.name not in NO_AUGMENT_METHODS)
+        return augments(self.cfg)
 
     def inputs(self, split: str, train: bool = False) -> SplitInputs:
         if train and self.augment():
             return SplitInputs(self.method, self.cfg, self.data, split, rrc_flip(self.clip), self.device, cacheable=False)
-        return SplitInputs(self.method, self.cfg, self.data, split, self.clip.preprocess_eval, self.device, cacheable=True)
+        return SplitInputs(self.method, self.cfg, self.data, split, self.clip.preprocess_eval, self.device, cacheable=True,
+                           preloaded=self.preloaded.get(split))
 
     # ------------------------------------------------------------------ work
     def train(self, global_state: dict[str, torch.Tensor], *, server_round: int, fl_config: dict, teacher=None, carot_step: int = 0, feddyn_grad=None) -> TrainOutcome:

@@ -40,12 +40,15 @@ from .objective import CarriedState, Objective, StepLoss
 class SplitInputs:
     """The examples of one split, as precomputed embeddings or as transformed images."""
 
-    def __init__(self, method, cfg: RunConfig, data: ClientData, split: str, transform, device: torch.device, *, cacheable: bool):
+    def __init__(self, method, cfg: RunConfig, data: ClientData, split: str, transform, device: torch.device, *, cacheable: bool,
+                 preloaded: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.method, self.cfg, self.data, self.split, self.transform, self.device = method, cfg, data, split, transform, device
         self.embeddings: torch.Tensor | None = None
         self.labels = torch.as_tensor(data.labels(split)).long()
         self.cache_hit = False
-        if cacheable and cfg.data.feature_cache and method.image_tower_frozen and len(self.labels):
+        if cacheable and preloaded is not None:  # read from the cache when the runtime was built without CLIP
+            self.embeddings, self.cache_hit = preloaded[0], True
+        elif cacheable and cfg.data.feature_cache and method.image_tower_frozen and len(self.labels):
             cache_dir = expand_path(cfg.data.cache_dir, "data.cache_dir")
             key = cache_key(cfg.model.name, cfg.model.pretrained, cfg.model.precision, device, data, split, transform)
             self.embeddings, _, self.cache_hit = cached_embeddings(

@@ -238,6 +238,8 @@ def zero_shot_classifier(model: torch.nn.Module, tokenizer: Any, class_names: li
 
 def encode_text_features(model: torch.nn.Module, tokenizer: Any, class_names: list[str], templates: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
     """The same features as :func:`zero_shot_classifier`, but differentiable (for trainable text towers)."""
+    if isinstance(model, HeadlessClip):
+        return model.class_text_features(class_names, templates)
     names = [prompt_name(c) for c in class_names]
     texts = tokenizer([t.format(c) for c in names for t in templates]).to(device)
     return class_features(model.encode_text(texts), len(names), len(templates))
@@ -249,3 +251,58 @@ def class_features(prompt_features: torch.Tensor, n_classes: int, n_templates: i
     feats = torch.nn.functional.normalize(prompt_features, dim=-1)
     feats = feats.reshape(n_classes, n_templates, -1).mean(dim=1)
     return feats / feats.norm(dim=-1, keepdim=True)
+
+
+class TowersNotLoaded(RuntimeError):
+    """A :class:`HeadlessClip` was asked for something only the real CLIP towers can compute."""
+
+
+class HeadlessClip(torch.nn.Module):
+    """What a method with frozen towers needs of CLIP once its image embeddings are cached: the
+    class text features (stored per autocast state, as the real text tower produced them), the
+    logit scale and the embedding width. Built from a frozen-text file (client/features.py), it
+    lets adapter, linear and zero-shot clients train and evaluate without loading CLIP's weights;
+    its towers raise :class:`TowersNotLoaded`."""
+
+    def __init__(self, *, logit_scale: torch.Tensor, text: dict[str, torch.Tensor], class_names: list[str], templates: list[str],
+                 output_dim: int, total_params: int, precision: str, device: torch.device):
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(logit_scale.to(device, torch.float32).clone(), requires_grad=False)
+        self.visual = torch.nn.Module()
+        self.visual.output_dim = int(output_dim)
+        self.text = {k: v.to(device) for k, v in text.items()}
+        self.identity = (list(class_names), list(templates))
+        self.frozen_total_params = int(total_params)
+        self.fedcal_precision = precision
+
+    def class_text_features(self, class_names: list[str], templates: list[str]) -> torch.Tensor:
+        if (list(class_names), list(templates)) != self.identity:
+            raise TowersNotLoaded("the stored text features are for other class names or templates; the text tower is not loaded")
+        device_type = self.logit_scale.device.type
+        if "autocast" in self.text and torch.is_autocast_enabled(device_type):
+            return self.text["autocast"]
+        return self.text["plain"]
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        raise TowersNotLoaded("the image tower is not loaded: this client's image embeddings were expected in the feature cache")
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise TowersNotLoaded("the text tower is not loaded: only the stored class text features are available")
+
+
+class TransformRef:
+    """Stands in for CLIP's eval transform where only its identity (its repr, part of the feature
+    cache key) is needed; applying it raises :class:`TowersNotLoaded`."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        raise TowersNotLoaded("CLIP's preprocessing is not loaded: this client's image embeddings were expected in the feature cache")
+
+
+def no_tokenizer(texts: Any) -> torch.Tensor:
+    raise TowersNotLoaded("CLIP's tokenizer is not loaded: only the stored class text features are available")

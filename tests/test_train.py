@@ -211,3 +211,72 @@ def test_flyp_captions_pair_each_image_with_a_seeded_template_caption(pacs_dir, 
         config.load(None, method__name="coop", loss__name="flyp", loss__captions="openai-imagenet")
     with pytest.raises(config.ConfigError, match="contrastive"):
         config.load(None, loss__captions="openai-imagenet")
+
+
+@pytest.mark.parametrize("name, extra", [("adapter", {"loss__name": "carot", "loss__carot__teacher_every": 1}), ("linear", {"method__wise_alpha": 0.5}),
+                                         ("zeroshot", {"method__templates": "simple-imagenet"})])
+def test_frozen_tower_methods_run_without_clip_once_cached(pacs_dir, tmp_path, monkeypatch, name, extra):
+    """adapter, linear and zero-shot clients whose splits are all in the feature cache build their
+    method on the stored text features and logit scale (a HeadlessClip): CLIP is not loaded, and
+    logits, local training and the CaRot teacher give bit-identical results to the run with CLIP."""
+    import client.runtime as runtime_mod
+    from common.model import HeadlessClip, TowersNotLoaded
+
+    with_clip = runtime(pacs_dir, tmp_path, method__name=name, **extra)
+    assert not isinstance(with_clip.method.clip, HeadlessClip)
+    assert len(list((tmp_path / "cache" / "features").glob("text-*.safetensors"))) == 1
+    splits = [s for s in ("train", "val", "test") if with_clip.data.size(s)]
+    reference = {s: with_clip.logits(s) for s in splits}  # fills the image-embedding cache of every split
+    trained = name != "zeroshot"
+    if trained:
+        start = with_clip.method.trainable_state()
+        ref_out = with_clip.train(start, server_round=2, fl_config={})
+        ref_again = with_clip.train(ref_out.state, server_round=3, fl_config={}, teacher=ref_out.teacher, carot_step=ref_out.carot_step)
+
+    def no_clip(*_a, **_k):
+        raise AssertionError("CLIP loaded although the features are cached")
+
+    monkeypatch.setattr(runtime_mod, "load_clip", no_clip)
+    headless = runtime(pacs_dir, tmp_path, method__name=name, **extra)
+    assert isinstance(headless.method.clip, HeadlessClip)
+    if trained:
+        headless.method.load_trainable_state(start)
+        assert headless.method.sizes() == with_clip.method.sizes()  # the frozen CLIP's parameter count is stored too
+    for s in splits:
+        logits, labels = headless.logits(s)
+        assert torch.equal(logits, reference[s][0]) and torch.equal(labels, reference[s][1])
+    if trained:
+        out = headless.train(start, server_round=2, fl_config={})
+        again = headless.train(out.state, server_round=3, fl_config={}, teacher=out.teacher, carot_step=out.carot_step)
+        for a, b in ((out, ref_out), (again, ref_again)):
+            assert a.state.keys() == b.state.keys() and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+            assert {k: v for k, v in a.metrics.items() if k != "train-seconds"} == {k: v for k, v in b.metrics.items() if k != "train-seconds"}
+    with pytest.raises(TowersNotLoaded, match="image tower is not loaded"):
+        headless.method.image_embeddings(torch.zeros(1, 3, 32, 32))
+
+    # a missing split cache or a damaged text file: CLIP is loaded again (and the text file rewritten)
+    monkeypatch.undo()
+    features = tmp_path / "cache" / "features"
+    text_file = next(features.glob("text-*.safetensors"))
+    text_file.write_bytes(b"garbage")
+    assert not isinstance(runtime(pacs_dir, tmp_path, method__name=name, **extra).method.clip, HeadlessClip)
+    assert isinstance(runtime(pacs_dir, tmp_path, method__name=name, **extra).method.clip, HeadlessClip)
+    for f in features.glob("*.safetensors"):
+        if not f.name.startswith("text-"):
+            f.unlink()
+            break
+    assert not isinstance(runtime(pacs_dir, tmp_path, method__name=name, **extra).method.clip, HeadlessClip)
+
+
+def test_methods_that_need_a_tower_always_load_clip(pacs_dir, tmp_path):
+    """Augmented training, caption losses, trainable towers and a disabled feature cache keep CLIP."""
+    from common.model import HeadlessClip
+
+    cases = [dict(method__name="adapter", data__augment="rrc-flip"), dict(method__name="adapter", loss__name="flyp", loss__captions="openai-imagenet"),
+             dict(method__name="coop"), dict(method__name="linear", data__feature_cache=False)]
+    for case in cases:
+        first = runtime(pacs_dir, tmp_path, **case)
+        for s in ("train", "val", "test"):
+            first.logits(s)
+        assert not isinstance(runtime(pacs_dir, tmp_path, **case).method.clip, HeadlessClip), case
+    assert not list((tmp_path / "cache" / "features").glob("text-*"))

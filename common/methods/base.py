@@ -172,7 +172,7 @@ class ClipMethod(nn.Module):
         """Parameter counts and the bytes of one update (fp32 on the wire), as `fedcal describe`
         reports them and as the server records them: the one place these are computed."""
         state = self.trainable_state()
-        total = sum(p.numel() for p in self.clip.parameters())
+        total = getattr(self.clip, "frozen_total_params", None) or sum(p.numel() for p in self.clip.parameters())
         trainable = sum(v.numel() for v in state.values())
         update = trainable * 4
         return {"trainable_params": int(trainable), "total_params": int(total), "trainable_fraction": trainable / total,
