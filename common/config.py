@@ -246,8 +246,8 @@ class FLConfig(_Section):
     node_wait_timeout: float = Field(600.0, gt=0, description="Seconds to wait for min_available_nodes before the run fails.")
     seed: int = Field(0, ge=0, description="Client sampling seed (combined with the round number).")
     evaluate_every: int = Field(1, ge=1, description="Federated evaluation every N rounds (the last round always).")
-    poll_interval: float = Field(1.0, gt=0, le=60, description="Longest pause (s) between the ServerApp's polls for replies: it starts at 0.1 s and "
-                                 "backs off to this (Flower's own send_and_receive pauses 3 s).")
+    poll_interval: float = Field(0.25, gt=0, le=60, description="Longest pause (s) between the ServerApp's polls for replies: it starts at 0.1 s and "
+                                 "backs off to this (Flower's own send_and_receive pauses 3 s); a reply waits half of it on average.")
     schedule: Literal["one-phase", "two-phase"] = Field(
         "one-phase", description="one-phase: a training client evaluates the state it receives before it trains, so round t's evaluation travels in "
         "round t+1's single phase (plus one final evaluation phase); two-phase: a train phase and an evaluate phase per round. Same records.")

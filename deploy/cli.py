@@ -618,7 +618,7 @@ def node(
     """Check the inputs (address, certificate, key, node config), then run flower-supernode and the warm worker."""
 
     from deploy import preflight
-    from deploy.commands import node_config_string, supernode_args
+    from deploy.commands import flower_env, node_config_string, supernode_args
 
     preflight.check_node(partition_id, num_partitions, data_dir)
     if role not in ("auto", "seen", "unseen"):
@@ -641,7 +641,7 @@ def node(
     if dry_run:
         return
     if not warm:
-        os.execvp(args[0], args)
+        os.execvpe(args[0], args, flower_env())
     raise typer.Exit(supervise(args, socket_path))
 
 

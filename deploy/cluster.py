@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import certs, preflight
-from .commands import TLSFiles, node_config_string, superlink_args, supernode_args
+from .commands import TLSFiles, flower_env, node_config_string, superlink_args, supernode_args
 from .warm import cluster_socket, wait_socket, worker_args
 
 
@@ -70,11 +70,11 @@ class Cluster:
     def logs(self, name: str) -> str:
         return (self.work_dir / "logs" / f"{name}.log").read_text(errors="replace")
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         logs = self.work_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         fh = open(logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(args, env=self.env, cwd=self.work_dir, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(args, env=self.env if env is None else env, cwd=self.work_dir, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         fh.close()
         self.processes[name] = proc
         return proc
@@ -180,7 +180,7 @@ def start_cluster(
                 extra["worker_socket"] = str(sock)
             args = supernode_args(superlink=address, node_config=node_config_string(i, supernodes, data_dir, **extra),
                                   port=node_port + i, root_certificates=tls_files.ca if tls_files else None, auth_key=key)
-            proc = cluster.start(f"supernode-{i}", args)
+            proc = cluster.start(f"supernode-{i}", args, env=flower_env(env))
             cluster.node_ports.append(node_port + i)
             wait_http(f"http://127.0.0.1:{node_port + i}/health", proc=proc, what=f"supernode-{i}")
         cluster.wait_online(supernodes)

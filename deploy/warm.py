@@ -46,20 +46,40 @@ def wait_socket(path: str | Path, proc: subprocess.Popen, timeout: float = 120.0
         time.sleep(0.1)
 
 
+#: A worker that dies within this many seconds of its start doubles the wait before the next start
+#: (from 1 s, at most 60 s); one that ran longer is restarted after 1 s.
+STABLE_SECONDS = 60.0
+MAX_RESTART_DELAY = 60.0
+
+
+def restart_delay(previous: float, uptime: float) -> float:
+    """Seconds to wait before restarting a worker that ran ``uptime`` s, after waiting ``previous`` s last time."""
+    return 1.0 if uptime >= STABLE_SECONDS or previous <= 0 else min(previous * 2, MAX_RESTART_DELAY)
+
+
 def supervise(supernode: list[str], socket_path: str, poll: float = 1.0) -> int:
-    """Run the SuperNode and the worker until the SuperNode exits or a signal arrives; restart the worker if it dies."""
+    """Run the SuperNode and the worker until the SuperNode exits or a signal arrives; restart the
+    worker if it dies, backing off while it keeps dying at start (its ClientApps compute in-process
+    meanwhile)."""
+    from .commands import flower_env
+
     cwd = Path(__file__).resolve().parents[1]
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
     worker = subprocess.Popen(worker_args(socket_path), cwd=cwd)
     wait_socket(socket_path, worker)
-    node = subprocess.Popen(supernode)
+    node = subprocess.Popen(supernode, env=flower_env())
+    started, delay, restart_at = time.monotonic(), 0.0, None
     try:
         while not stop["now"] and node.poll() is None:
-            if worker.poll() is not None:
-                print(f"fedcal node: the warm worker exited ({worker.returncode}); restarting it", file=sys.stderr)
-                worker = subprocess.Popen(worker_args(socket_path), cwd=cwd)
+            now = time.monotonic()
+            if restart_at is None and worker.poll() is not None:
+                delay = restart_delay(delay, now - started)
+                restart_at = now + delay
+                print(f"fedcal node: the warm worker exited ({worker.returncode}); restarting it in {delay:.0f}s", file=sys.stderr)
+            if restart_at is not None and now >= restart_at:
+                worker, started, restart_at = subprocess.Popen(worker_args(socket_path), cwd=cwd), now, None
             time.sleep(poll)
     finally:
         for proc in (node, worker):

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from deploy.commands import (
+    SUPEREXEC_ENV,
     TLSFiles,
     node_config_string,
     superexec_args,
@@ -49,6 +50,8 @@ def test_local_cluster_commands():
     assert services["superlink"]["command"] == superlink_args(host="0.0.0.0", port=8000, database="state/state.db", isolation="process")[1:]
     assert services["serverapp"]["command"] == superexec_args(runtime_api_address="superlink:8000")[1:]
     assert services["serverapp"]["environment"]["FEDCAL_MONITORING_HOST"] == "0.0.0.0"
+    for i in range(4):  # a node's executor launches ClientApps as often as under `fedcal node`; the environment is the app's plus that
+        assert services[f"clientapp-{i}"]["environment"] == {**services["serverapp"]["environment"], **SUPEREXEC_ENV}
     for i in range(4):
         node = services[f"supernode-{i}"]
         assert node["image"] == "flwr/supernode:1.42.0"
@@ -78,6 +81,7 @@ def test_tls_variant_commands():
     assert services["proxy"]["command"] == [f"mkdir -p {work}/tmp && exec " + " ".join(proxy_args("/etc/fedcal/nginx.conf", work / "proxy-error.log"))]
     assert any(v.endswith(":/etc/fedcal/nginx.conf:ro") and "nginx.tls.conf" in v for v in services["proxy"]["volumes"])
     assert services["serverapp"]["command"] == superexec_args(runtime_api_address="superlink:8100", root_certificates="certificates/ca.crt")[1:]
+    assert all(services[f"clientapp-{i}"]["environment"] == {**services["serverapp"]["environment"], **SUPEREXEC_ENV} for i in range(4))
     for i in range(4):
         assert services[f"supernode-{i}"]["command"] == supernode_args(
             superlink="proxy:8000", node_config=node_config_string(i, 4, "/data", worker_socket=WORKER_SOCKET), host="0.0.0.0", port=9094, isolation="process",

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from deploy.cluster import start_cluster
+from deploy.commands import SUPEREXEC_ENV
 from server.records import read_records
 from tests.processes import BIN, ROOT, Proc, base_env, free_port, preset
 
@@ -80,6 +81,12 @@ def test_superlink_restart_and_resume(tmp_path, pacs_dir):
     env = base_env(tmp_path, HOME=str(tmp_path))
     cluster = start_cluster(tmp_path / "cluster", 2, str(data), port=free_port(), node_port=free_port(), env=env)
     try:
+        def environ(name: str) -> dict[str, str]:
+            raw = Path(f"/proc/{cluster.processes[name].pid}/environ").read_bytes().split(b"\0")
+            return dict(item.decode().partition("=")[::2] for item in raw if item)
+
+        # the nodes' executors launch ClientApps every 0.25 s; the SuperLink's keeps Flower's default
+        assert SUPEREXEC_ENV.items() <= environ("supernode-0").items() and "FLWR_SUPEREXEC_TASK_POLL_INTERVAL" not in environ("superlink")
         cfg = run_config(tmp_path, data, "restarted", **{"fl.rounds": 3, "fl.min_train_nodes": 2, "fl.min_available_nodes": 2})
         run = submit(cluster, cfg, tmp_path / "run1.log")
         latest = tmp_path / "runs" / "restarted" / "checkpoints" / "LATEST"

@@ -135,3 +135,16 @@ def test_hung_worker_times_out(tmp_path, pacs_dir):
     for conn, _ in held:
         conn.close()
     sock_path.unlink()
+
+
+def test_worker_restarts_back_off_while_it_keeps_dying():
+    """`fedcal node` restarts a dead worker after 1 s, doubling the wait (to at most 60 s) while
+    it keeps dying within a minute of its start, and back to 1 s after a stable run."""
+    from deploy.warm import MAX_RESTART_DELAY, STABLE_SECONDS, restart_delay
+
+    delays, delay = [], 0.0
+    for _ in range(9):  # a worker that crashes at import, again and again
+        delay = restart_delay(delay, uptime=0.5)
+        delays.append(delay)
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60] and MAX_RESTART_DELAY == 60
+    assert restart_delay(60.0, uptime=STABLE_SECONDS + 1) == 1.0
