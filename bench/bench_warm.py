@@ -3,6 +3,8 @@
 P2 - one client round (an evaluate message then a train message, FedCLIP's adapter or the linear
 head on ViT-B-32 loaded from a local checkpoint file) as a deployed node computes it:
   cold    = a fresh process per message (what Flower does without a warm worker), no feature cache;
+  cold, cached = the same with a warm feature cache: the process builds the method on the stored
+            text features and never loads CLIP (it still imports torch and open_clip);
   warm    = the node's warm worker (`fedcal worker`) with a warm feature cache, over its socket.
 Printed: seconds per round and cold / warm.
 
@@ -14,6 +16,10 @@ the steady rounds 2..R-1, the last round with the final evaluation phase) and th
 
     python bench/bench_warm.py p2 [--method adapter|linear] [--images 128]
     python bench/bench_warm.py p4 [--rounds 4]
+    python bench/bench_warm.py floor [--rounds 10] [--repeat 2]
+
+floor - Flower's per-round floor alone: the same deployment with negligible local work (the tiny
+CLIP, one step on 8 images), with fedcal's quick executor and ServerApp polls and with 1 s polls.
 """
 
 from __future__ import annotations
@@ -66,21 +72,27 @@ def requests(flat: dict, node: dict, rnd: int):
 
 COLD = """
 import pickle, sys
-from client.handlers import handle
+from client.handlers import PROCESS_RUNTIMES, handle
 req = pickle.load(open(sys.argv[1], "rb"))
 resp = handle(req)
 assert resp.error is None, resp.error
+print("headless" if all(type(rt.method.clip).__name__ == "HeadlessClip" for rt in PROCESS_RUNTIMES.items.values()) else "clip")
 """
 
 
-def cold_round(reqs, tmp: Path) -> float:
+def cold_round(reqs, tmp: Path, expect: str | None = None) -> float:
+    """Seconds for the messages of one round, each in a fresh process; ``expect``: whether each
+    process must have loaded CLIP ("clip") or run without it ("headless")."""
     import pickle
 
     t = time.perf_counter()
     for i, req in enumerate(reqs):
         path = tmp / f"req-{i}.pkl"
         path.write_bytes(pickle.dumps(req))
-        subprocess.run([sys.executable, "-c", COLD, str(path)], cwd=ROOT, check=True, capture_output=True)
+        res = subprocess.run([sys.executable, "-c", COLD, str(path)], cwd=ROOT, check=True, capture_output=True, text=True)
+        got = res.stdout.strip().splitlines()[-1]
+        if expect is not None and got != expect:
+            raise RuntimeError(f"a cold process ran with {got}, expected {expect}")
     return time.perf_counter() - t
 
 
@@ -117,7 +129,10 @@ def p2(args) -> None:
     node = {"partition-id": 0, "num-partitions": 1}
     cold_cfg = run_config(ckpt, args.model, args.method, tmp / "nocache", args.images, data__feature_cache=False)
     warm_cfg = run_config(ckpt, args.model, args.method, tmp / "cache", args.images)
-    cold = [cold_round(requests(cold_cfg, node, r), tmp) for r in (1, 2)]
+    cold = [cold_round(requests(cold_cfg, node, r), tmp, "clip") for r in (1, 2)]
+    cached_cfg = run_config(ckpt, args.model, args.method, tmp / "cold-cache", args.images)
+    cold_round(requests(cached_cfg, node, 1), tmp, "clip")  # a first cold round fills the feature and text caches
+    cold_cached = [cold_round(requests(cached_cfg, node, r), tmp, "headless") for r in (2, 3)]
     sock = Path(f"/tmp/fedcal-bench-{os.getpid()}/w.sock")
     worker = subprocess.Popen([str(BIN / "fedcal"), "worker", "--socket", str(sock)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -133,9 +148,10 @@ def p2(args) -> None:
     print(f"## P2: one {args.method} client round ({args.model}, {args.images} images), evaluate + train messages\n")
     print("| path | s / round |\n|---|---|")
     print(f"| cold: a fresh process per message, no feature cache (mean of 2) | {c:.2f} |")
+    print(f"| cold: a fresh process per message, warm feature cache (CLIP not loaded; mean of 2) | {sum(cold_cached) / 2:.2f} |")
     print(f"| warm worker, first round (builds CLIP, fills the cache) | {first:.2f} |")
     print(f"| warm worker, warm cache (median of 3) | {w:.3f} |")
-    print(f"\ncold / warm = **{c / w:.1f}x**")
+    print(f"\ncold / warm = **{c / w:.1f}x**; cold without cache / cold with a warm cache = {c / (sum(cold_cached) / 2):.1f}x")
     print(f"\nfedcal's own per-message overhead (ClientApp -> worker -> ClientApp: pickling a request carrying a FL²oRA-sized "
           f"packed state, the socket both ways, the worker parsing the configuration; no compute): median {1000 * overhead:.1f} ms")
 
@@ -144,12 +160,14 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def deployed(tmp: Path, flat: dict, warm: bool, rounds: int, schedule: str = "one-phase") -> list[float]:
+def deployed(tmp: Path, flat: dict, warm: bool, rounds: int, schedule: str = "one-phase", slow_polls: bool = False, name_suffix: str = "") -> list[float]:
+    """Round seconds of a deployed run; ``slow_polls``: Flower's 1 s executor poll and a 1 s
+    ServerApp reply poll, as before fedcal shortened both."""
     from deploy.cluster import start_cluster
     from tests.processes import base_env, free_port, preset
 
-    env = base_env(tmp, HOME=str(tmp))
-    name = ("warm" if warm else "cold") + f"-{schedule}"
+    env = base_env(tmp, HOME=str(tmp), **({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"} if slow_polls else {}))
+    name = ("warm" if warm else "cold") + f"-{schedule}" + ("-slow-polls" if slow_polls else "") + name_suffix
     cluster = start_cluster(tmp / f"cluster-{name}", 2, str(DATA), port=free_port(), node_port=free_port(), env=env, warm=warm)
     try:
         cfg = preset(ROOT / "configs" / "offline-smoke.toml", tmp / f"{name}.toml", **{
@@ -158,7 +176,8 @@ def deployed(tmp: Path, flat: dict, warm: bool, rounds: int, schedule: str = "on
             "fl.min_train_nodes": 2, "fl.min_available_nodes": 2, "eval.temperature_scaling": "none", "fl.schedule": schedule,
             # the 2 nodes compute at the same time: each gets half the cores (the bare process has them all, one client after the other)
             "optim.num_threads": max(1, (os.cpu_count() or 2) // 2),
-            "output.dir": str(tmp / "runs"), "output.run_name": name, "monitoring.enabled": False})
+            "output.dir": str(tmp / "runs"), "output.run_name": name, "monitoring.enabled": False,
+            **({"fl.poll_interval": 1.0} if slow_polls else {})})
         res = cluster.flwr("run", str(ROOT), cluster.connection, "--stream", "--run-config", str(cfg), timeout=3600)
         rows = _records(tmp / "runs" / name)
         secs = [r["seconds"] for r in rows if r["kind"] == "round"]
@@ -191,27 +210,48 @@ def p4(args) -> None:
     base = bare(flat, args.rounds)
     runs = [("deployed, warm workers, one phase per round", deployed(tmp, flat, True, args.rounds)),
             ("deployed, warm workers, two phases per round", deployed(tmp, flat, True, args.rounds, "two-phase")),
-            ("deployed, no worker (cold), one phase per round", deployed(tmp, flat, False, args.rounds))]
+            ("deployed, no worker (cold), one phase per round", deployed(tmp, flat, False, args.rounds)),
+            ("deployed, warm workers, one phase, 1 s executor and reply polls (before)", deployed(tmp, flat, True, args.rounds, slow_polls=True))]
     # steady state: the rounds between the first (builds, caches) and the last (one-phase adds the final evaluation phase)
     middle = lambda xs: sum(xs[1:-1]) / max(1, len(xs) - 2)  # noqa: E731
     print(f"## P4: a deployed LoRA round ({args.model} from a checkpoint file, 2 clients, {args.steps} steps, {args.images} images)\n")
-    print("| | round 1 s | rounds 2..R-1 s (mean) | last round s | rounds 2..R-1 / bare |\n|---|---|---|---|---|")
+    print("| | round 1 s | rounds 2..R-1 s (mean) | last round s | rounds 2..R-1 / bare | s over bare |\n|---|---|---|---|---|---|")
     for label, xs in (("bare process (same local work: evaluate + train per client)", base), *runs):
-        print(f"| {label} | {xs[0]:.1f} | {middle(xs):.1f} | {xs[-1]:.1f} | x{middle(xs) / middle(base):.2f} |")
+        print(f"| {label} | {xs[0]:.1f} | {middle(xs):.1f} | {xs[-1]:.1f} | x{middle(xs) / middle(base):.2f} | {middle(xs) - middle(base):+.1f} |")
+
+
+def floor(args) -> None:
+    """Flower's per-round floor: deployed rounds whose local work is negligible (the tiny CLIP,
+    one step on a few images), with fedcal's quick executor and reply polls and with 1 s polls,
+    interleaved."""
+    tmp = Path(tempfile.mkdtemp(prefix="fedcal-floor-"))
+    flat = run_config("", "fedcal-tiny", "lora", tmp / "cache", 8, optim__local_steps=1, optim__batch_size=4)
+    middle = lambda xs: xs[1:-1]  # noqa: E731
+    quick, slow = [], []
+    for rep in range(args.repeat):
+        quick += middle(deployed(tmp, flat, True, args.rounds, name_suffix=f"-q{rep}"))
+        slow += middle(deployed(tmp, flat, True, args.rounds, slow_polls=True, name_suffix=f"-s{rep}"))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    sd = lambda xs: (sum((x - mean(xs)) ** 2 for x in xs) / max(1, len(xs) - 1)) ** 0.5  # noqa: E731
+    print(f"## Flower's floor: deployed one-phase rounds with negligible local work (fedcal-tiny, 2 warm nodes, {args.repeat} x {args.rounds - 2} steady rounds each)\n")
+    print("| polls | s / round (mean +- sd) | min | max |\n|---|---|---|---|")
+    for label, xs in (("executor 0.25 s, ServerApp reply poll to 0.25 s (fedcal's defaults)", quick), ("executor 1 s, ServerApp reply poll to 1 s", slow)):
+        print(f"| {label} | {mean(xs):.2f} +- {sd(xs):.2f} | {min(xs):.2f} | {max(xs):.2f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", choices=["p2", "p4"])
+    ap.add_argument("which", choices=["p2", "p4", "floor"])
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--method", default="adapter")
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    {"p2": p2, "p4": p4}[args.which](args)
+    {"p2": p2, "p4": p4, "floor": floor}[args.which](args)
 
 
 if __name__ == "__main__":

@@ -80,14 +80,19 @@ def frozen_text_file(cfg: RunConfig, device: torch.device, class_names: list[str
                      device, list(class_names), templates)
 
 
+def splits_used(cfg: RunConfig, data: ClientData) -> list[str]:
+    """The non-empty splits this client's messages read: a held-out client's test split; a seen
+    client's train split, ``eval.splits`` and, with temperature scaling, ``eval.ts_split``."""
+    used = {"test"} if data.role == "unseen" else {"train", *cfg.eval.split_list(), *([cfg.eval.ts_split] if cfg.eval.temperature_scaling != "none" else [])}
+    return [s for s in ("train", "val", "test") if s in used and data.size(s)]
+
+
 def _headless(cfg: RunConfig, device: torch.device, data: ClientData, headless: HeadlessClip, transform: TransformRef):
-    """(LoadedClip on the HeadlessClip, preloaded embeddings) when every non-empty split's image
-    embeddings are cached; None otherwise (CLIP is then loaded)."""
+    """(LoadedClip on the HeadlessClip, preloaded embeddings) when the image embeddings of every
+    split the client reads are cached; None otherwise (CLIP is then loaded)."""
     cache_dir = expand_path(cfg.data.cache_dir, "data.cache_dir")
     preloaded = {}
-    for split in ("train", "val", "test"):
-        if not data.size(split):
-            continue
+    for split in splits_used(cfg, data):
         key = cache_key(cfg.model.name, cfg.model.pretrained, cfg.model.precision, device, data, split, transform)
         stored = read_embeddings(embeddings_path(cache_dir, key), data, split)
         if stored is None:

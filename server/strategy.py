@@ -12,7 +12,8 @@ The mixin adds:
   counted, and a round with fewer than ``fl.min_train_nodes`` valid replies keeps the global state;
 - records: per-client and exactly pooled calibration figures every evaluated round
   (server/records.py), Prometheus gauges (server/monitoring.py), a console line per round;
-- federated temperature scaling before the last evaluation (or every one);
+- federated temperature scaling before the last evaluation (or every one), and the evaluation
+  schedule (server/evaluation.py);
 - checkpoints after every round and resumption from one (server/checkpoint.py).
 
 Flower's ``Strategy.start`` loop is used unchanged: a resumed run passes the remaining number of
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -44,19 +45,19 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import RunConfig
-from common.replies import EVALUATE_FIRST_KEYS, TRAIN_ERROR_RECORD, TRAIN_EVALUATION_RECORD
+from common.replies import TRAIN_ERROR_RECORD, TRAIN_EVALUATION_RECORD
 from common.tensors import Manifest, from_record, record_nbytes, unpack
 
 from . import checkpoint
 from .aggregators import FedDyn, FedNova
+from .evaluation import EvaluationMixin
 from .ledger import Ledger
 from .monitoring import Monitor
 from .nodes import GridView, NodeRegistry, reply_source
-from .records import ClientEval, RunDirectory, pool
+from .records import ClientEval, RunDirectory
 from .report import write_round_outputs
-from .temperature import fit_global_temperature
 from .tracking import TensorBoardLog
-from .validation import Rejection, check_evaluate, check_train, screen, train_error_reason
+from .validation import Rejection, check_train, screen, train_error_reason
 
 log = logging.getLogger("flwr.fedcal")
 
@@ -79,7 +80,7 @@ def _seed(*parts: int) -> int:
     return value
 
 
-class FedCalMixin:
+class FedCalMixin(EvaluationMixin):
     """Mixed in front of a Flower strategy; see the module docstring."""
 
     def setup(self, cfg: RunConfig, run: RunDirectory, registry: NodeRegistry, monitor: Monitor, round_offset: int = 0, ledger: Ledger | None = None) -> None:
@@ -186,30 +187,6 @@ class FedCalMixin:
         self.sent["train"] = messages
         return messages
 
-    def _fold_evaluation(self, rnd: int, arrays: ArrayRecord, grid, train_messages: list[Message]) -> list[Message]:
-        """One phase: round ``rnd``'s evaluation (of the state the next round's train messages carry)
-        rides in those messages; the clients it evaluates that do not train get an evaluate message."""
-        targets, eval_config = self._evaluation_targets(rnd, arrays, grid)
-        asked = {EVALUATE_FIRST_KEYS[k]: v for k, v in eval_config.items() if k in EVALUATE_FIRST_KEYS}
-        out = []
-        for m in train_messages:
-            if m.metadata.dst_node_id in targets:
-                content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord({**dict(m.content[self.configrecord_key]), **asked})})
-                m = Message(content=content, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.TRAIN)
-            out.append(m)
-        trained = {m.metadata.dst_node_id for m in train_messages}
-        out += self._evaluate_messages(rnd, targets, [n for n in targets if n not in trained], arrays, eval_config)
-        self.sent["evaluate"] = out
-        return out
-
-    def _evaluate_messages(self, rnd: int, targets: list[int], nodes: list[int], arrays: ArrayRecord, eval_config: ConfigRecord) -> list[Message]:
-        """Evaluate messages to ``nodes``, with round ``rnd``'s evaluation of ``targets`` now pending."""
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: eval_config})
-        self.round_bytes[0] += record_nbytes(arrays) * len(nodes)
-        self.eval_round = rnd
-        self.sampled["evaluate"] = set(targets)
-        return [Message(content=record, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
-
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = self.true_round(server_round)
         replies_seen = list(replies)
@@ -250,18 +227,6 @@ class FedCalMixin:
         self.ledger.flush()
         return aggregated, metrics
 
-    def _record_folded_evaluation(self, replies: list[Message]) -> list[Message]:
-        """Record the evaluation carried by a one-phase train phase; return the replies left for
-        training (every reply but those of evaluate-only nodes)."""
-        trained = self.sampled["train"]
-        evaluate_only = self.sampled["evaluate"] - trained
-        nodes = [reply_source(m, self.sent["train"]) for m in replies]
-        carried = [(m, "metrics" if n in evaluate_only else TRAIN_EVALUATION_RECORD) for m, n in zip(replies, nodes, strict=True)
-                   if n in self.sampled["evaluate"]]
-        self._record_evaluation(self.eval_round, carried)
-        # an evaluate-only node's replies are settled here (a second one was recorded as a duplicate)
-        return [m for m, n in zip(replies, nodes, strict=True) if n not in evaluate_only]
-
     def _aggregate(self, rnd: int, valid: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's aggregation of the valid replies; a failure or a non-finite result keeps the global state."""
         # a fixed order (by partition) makes the floating-point sums, hence resumed runs, reproducible
@@ -276,104 +241,6 @@ class FedCalMixin:
             self.ledger.note("rejected", rnd, "aggregate", none, "aggregate", "the aggregate is not finite; the global state stays as it was")
             return None, None
         return aggregated, metrics
-
-    # ------------------------------------------------------------------ evaluation
-    def evaluates(self, rnd: int) -> bool:
-        return rnd == self.cfg.fl.rounds or rnd % self.cfg.fl.evaluate_every == 0
-
-    def _fit_temperature(self, rnd: int, arrays: ArrayRecord, grid, seen: list[int], config: ConfigRecord) -> None:
-        """Federated temperature scaling of round ``rnd``'s state (its own query phase), into ``config``."""
-        mode = self.cfg.eval.temperature_scaling
-        config["ts-mode"] = "none"
-        if mode == "none" or not seen or not (rnd == self.cfg.fl.rounds or self.cfg.eval.ts_every_round):
-            return
-        gt = fit_global_temperature(grid, seen, arrays, self.cfg.fl.round_timeout, self.cfg.eval.ts_grid_size,
-                                    registry=self.registry, ledger=self.ledger, rnd=rnd, ts_split=self.cfg.eval.ts_split)
-        self.round_bytes[0] += record_nbytes(arrays) * len(seen)
-        config["ts-mode"], config["temperature"] = mode, gt.temperature
-        self.temperature.update(value=gt.temperature, round=rnd, nll_before=gt.nll_at_one, nll_after=gt.nll_at_t, examples=gt.examples, clients=gt.clients)
-        self._safely("monitoring", self.monitor.global_temperature, gt.temperature)
-        self.ledger.flush([{"kind": "temperature", "round": rnd, "mode": mode, "temperature": gt.temperature, "nll_at_1": gt.nll_at_one,
-                            "nll_at_t": gt.nll_at_t, "examples": gt.examples, "clients": gt.clients, "at_grid_edge": gt.at_edge, "errors": gt.errors}])
-        log.info("round %d: federated temperature %.4f (pooled %s NLL %.4f -> %.4f over %d examples of %d clients)", rnd, gt.temperature,
-                 self.cfg.eval.ts_split, gt.nll_at_one or float("nan"), gt.nll_at_t or float("nan"), gt.examples, gt.clients)
-
-    def _evaluation_targets(self, rnd: int, arrays: ArrayRecord, grid) -> tuple[list[int], ConfigRecord]:
-        """Who evaluates round ``rnd``'s state, and the evaluate config: a seeded sample of the seen
-        clients (``fl.fraction_evaluate``) and every held-out client, whichever schedule runs."""
-        connected = list(grid.get_node_ids())
-        seen, unseen = self.registry.seen(connected), self.registry.unseen(connected)
-        config = ConfigRecord({"run-name": self.run.name})
-        self._fit_temperature(rnd, arrays, grid, seen, config)
-        config["server-round"] = rnd
-        self.eval_ts_mode = str(config["ts-mode"])
-        chosen: list[int] = []
-        if seen and self.fraction_evaluate > 0:
-            view = GridView(grid, seen, minimum=min(self.min_evaluate_nodes, len(seen)), timeout=self.cfg.fl.node_wait_timeout)
-            picked = self._sample(lambda: super(FedCalMixin, self).configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), view), rnd + 7919)
-            chosen = [m.metadata.dst_node_id for m in picked]
-        return chosen + [n for n in unseen if n not in chosen], config
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
-        rnd = self.true_round(server_round)
-        self.sampled["evaluate"] = set()
-        self.eval_round = None
-        one_phase_later = self.cfg.fl.schedule == "one-phase" and rnd != self.cfg.fl.rounds  # rides in the next round's phase
-        if not self.evaluates(rnd) or one_phase_later:
-            return []
-        self.registry.discover(grid, self.ledger, rnd)
-        self.ledger.flush()
-        targets, eval_config = self._evaluation_targets(rnd, arrays, grid)
-        messages = self._evaluate_messages(rnd, targets, targets, arrays, eval_config)
-        self.sent["evaluate"] = messages
-        return messages
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
-        if self.eval_round is None or (not replies and not self.sampled["evaluate"]):
-            return None
-        pooled = self._record_evaluation(self.eval_round, [(m, "metrics") for m in replies])
-        return MetricRecord({f"{r['split']}-{r['ts']}-{k}": float(r[k]) for r in pooled if r["kind"] == "pooled" for k in ("accuracy", "ece", "nll") if r.get(k) is not None})
-
-    def _record_evaluation(self, rnd: int, replies: list[tuple[Message, str]]) -> list[dict]:
-        """Validate, record and pool round ``rnd``'s evaluations: (reply, the record holding them)."""
-        evals: list[ClientEval] = []
-        answered: set[int] = set()
-        n_classes = len(self.registry.class_names())
-        for msg, record in replies:
-            node = self._screen(msg, "evaluate", rnd, answered)
-            if node is None:
-                continue
-            try:
-                mine = check_evaluate(msg, node, self._info(node), rnd, self.cfg, n_classes, self.eval_ts_mode, record)
-            except Rejection as rej:
-                self.ledger.note("rejected", rnd, "evaluate", self._ident(node), rej.reason, rej.detail)
-                continue
-            self.ledger.note("evaluated", rnd, "evaluate", self._ident(node), fields={"splits": sorted({e.split for e in mine})})
-            evals += mine
-        self._note_missing("evaluate", rnd, answered)
-        pooled = self._safely("pooling", pool, evals, rnd) or []
-        self.ledger.flush([e.row(rnd) for e in evals] + pooled)
-        self._safely("monitoring", self.monitor.client_eval, evals)
-        self._safely("monitoring", self.monitor.pooled_rows, pooled)
-        self.last_eval, self.last_pooled = evals, pooled
-        self.round_notes.update(eval_round=rnd, eval_clients=len({e.node_id for e in evals}), eval_sampled=len(self.sampled["evaluate"]))
-        self._update_best(rnd, pooled)
-        return pooled
-
-    def _update_best(self, rnd: int, pooled: list[dict]) -> None:
-        """The best round is chosen on the validation split only (never on test)."""
-        val = next((r for r in pooled if r["kind"] == "pooled" and r["split"] == "val" and r["ts"] == "none"), None)
-        if val is not None and val.get("accuracy") is not None:
-            if self.best["value"] is None or val["accuracy"] > self.best["value"]:
-                self.best = {"round": rnd, "metric": "pooled val accuracy", "value": val["accuracy"]}
-
-    def _headline(self, pooled: list[dict], group: str = "all", ts: str = "none") -> dict | None:
-        for split in ("test", "val", "train"):
-            for r in pooled:
-                if r["group"] == group and r["split"] == split and r["ts"] == ts and r["kind"] in ("pooled", "group"):
-                    return r
-        return None
 
     # ------------------------------------------------------------------ end of a round (Flower's evaluate_fn hook)
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

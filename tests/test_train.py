@@ -280,3 +280,21 @@ def test_methods_that_need_a_tower_always_load_clip(pacs_dir, tmp_path):
             first.logits(s)
         assert not isinstance(runtime(pacs_dir, tmp_path, **case).method.clip, HeadlessClip), case
     assert not list((tmp_path / "cache" / "features").glob("text-*"))
+
+
+def test_headless_needs_only_the_splits_the_client_reads(pacs_dir, tmp_path):
+    """With eval.splits = test and no temperature scaling a seen client reads train and test only:
+    those cached are enough to skip CLIP, and a split it never reads says so in one line."""
+    from common.model import HeadlessClip, TowersNotLoaded
+
+    extra = dict(method__name="adapter", eval__splits="test", eval__temperature_scaling="none")
+    first = runtime(pacs_dir, tmp_path, **extra)
+    first.train(first.method.trainable_state(), server_round=1, fl_config={})
+    assert not isinstance(runtime(pacs_dir, tmp_path, **extra).method.clip, HeadlessClip)  # test split not cached yet
+    first.logits("test")
+    headless = runtime(pacs_dir, tmp_path, **extra)
+    assert isinstance(headless.method.clip, HeadlessClip) and sorted(headless.preloaded) == ["test", "train"]
+    with pytest.raises(TowersNotLoaded, match="expected in the feature cache"):
+        headless.logits("val")
+    # temperature scaling reads eval.ts_split (val): then CLIP is needed until val is cached too
+    assert not isinstance(runtime(pacs_dir, tmp_path, **{**extra, "eval__temperature_scaling": "global"}).method.clip, HeadlessClip)
