@@ -4,9 +4,10 @@ Without a warm worker each Flower message starts a fresh ClientApp process, so a
 per message: the partition comes from the per-node partition cache (or is recomputed,
 deterministically), CLIP is loaded from the local cache and the method is rebuilt with the same
 seed as on the server, then the global trainable state from the message is loaded into it. A
-method with frozen towers (adapter, linear, zero-shot, without augmentation) whose splits are all
-in the feature cache skips CLIP: it is built on the stored class text features and logit scale
-(:class:`~common.model.HeadlessClip`) with the cached image embeddings held in memory.
+method with frozen towers (adapter, linear, zero-shot, without augmentation) whose splits are in
+the feature cache skips CLIP: it is built on the stored class text features and logit scale
+(:class:`~common.model.HeadlessClip`) with the cached image embeddings held in memory; a split it
+reads that is not cached loads CLIP at that moment (:meth:`ClientRuntime.load_towers`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torchvision import transforms as T
 
 from common.config import NodeConfig, RunConfig, expand_path
 from common.data import ClientData, load_client_data
@@ -55,6 +55,8 @@ def rrc_flip(clip: LoadedClip):
     size = size if isinstance(size, int) else tuple(size)
     mean = pp.get("mean", (0.48145466, 0.4578275, 0.40821073))
     std = pp.get("std", (0.26862954, 0.26130258, 0.27577711))
+    from torchvision import transforms as T
+
     return T.Compose([
         T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
@@ -80,6 +82,12 @@ def frozen_text_file(cfg: RunConfig, device: torch.device, class_names: list[str
                      device, list(class_names), templates)
 
 
+def _with_clip(cfg: RunConfig, device: torch.device, data: ClientData) -> tuple[LoadedClip, ClipMethod]:
+    clip = load_clip(cfg.model.name, cfg.model.pretrained, device=device, precision=cfg.model.precision,
+                     cache_dir=cfg.model.cache_dir or None, offline=cfg.model.offline)
+    return clip, build_method(cfg, clip, data.class_names, seed=cfg.optim.seed)
+
+
 def splits_used(cfg: RunConfig, data: ClientData) -> list[str]:
     """The non-empty splits this client's messages read: a held-out client's test split; a seen
     client's train split, ``eval.splits`` and, with temperature scaling, ``eval.ts_split``."""
@@ -87,18 +95,16 @@ def splits_used(cfg: RunConfig, data: ClientData) -> list[str]:
     return [s for s in ("train", "val", "test") if s in used and data.size(s)]
 
 
-def _headless(cfg: RunConfig, device: torch.device, data: ClientData, headless: HeadlessClip, transform: TransformRef):
-    """(LoadedClip on the HeadlessClip, preloaded embeddings) when the image embeddings of every
-    split the client reads are cached; None otherwise (CLIP is then loaded)."""
+def _preload(cfg: RunConfig, device: torch.device, data: ClientData, transform: TransformRef) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The cached image embeddings of the splits this client reads (those in the cache)."""
     cache_dir = expand_path(cfg.data.cache_dir, "data.cache_dir")
-    preloaded = {}
+    out = {}
     for split in splits_used(cfg, data):
         key = cache_key(cfg.model.name, cfg.model.pretrained, cfg.model.precision, device, data, split, transform)
         stored = read_embeddings(embeddings_path(cache_dir, key), data, split)
-        if stored is None:
-            return None
-        preloaded[split] = stored
-    return LoadedClip(headless, None, transform, no_tokenizer), preloaded
+        if stored is not None:
+            out[split] = stored
+    return out
 
 
 #: Logit given to the classes a projected held-out set does not contain: finite (the reply stays
@@ -123,8 +129,8 @@ class ClientRuntime:
     clip: LoadedClip
     method: ClipMethod
     device: torch.device
-    #: split -> (embeddings, labels) read when the runtime was built on a HeadlessClip: every
-    #: cacheable split's embeddings, held so that no later message needs the image tower
+    #: split -> (embeddings, labels) read when the runtime was built on a HeadlessClip: the cached
+    #: splits it reads, held so that no later message needs the image tower (another split loads CLIP)
     preloaded: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
@@ -138,15 +144,13 @@ class ClientRuntime:
         text_file = frozen_text_file(cfg, device, data.class_names)
         stored_text = load_frozen_text(text_file, data.class_names, templates_for(cfg.method.templates, cfg.method.template),
                                        cfg.model.precision, device) if text_file else None
-        headless = _headless(cfg, device, data, *stored_text) if stored_text else None
-        if headless is not None:
-            clip, preloaded = headless
+        preloaded = _preload(cfg, device, data, stored_text[1]) if stored_text else {}
+        if preloaded:
+            clip = LoadedClip(stored_text[0], None, stored_text[1], no_tokenizer)
             method = build_method(cfg, clip, data.class_names, seed=cfg.optim.seed)
-            log.info("client %s: %s on cached features and text features, CLIP not loaded", node.partition_id, cfg.method.name)
+            log.info("client %s: %s on cached image and text features (%s), CLIP not loaded", node.partition_id, cfg.method.name, ", ".join(preloaded))
             return cls(cfg, node, data, clip, method, device, preloaded)
-        clip = load_clip(cfg.model.name, cfg.model.pretrained, device=device, precision=cfg.model.precision,
-                         cache_dir=cfg.model.cache_dir or None, offline=cfg.model.offline)
-        method = build_method(cfg, clip, data.class_names, seed=cfg.optim.seed)
+        clip, method = _with_clip(cfg, device, data)
         if text_file and stored_text is None:  # absent, damaged or foreign: (re)written
             try:
                 store_frozen_text(text_file, method, clip.preprocess_eval, lambda: autocast(cfg.model.precision, device))
@@ -158,7 +162,23 @@ class ClientRuntime:
     def augment(self) -> bool:
         return augments(self.cfg)
 
+    @property
+    def headless(self) -> bool:
+        return isinstance(self.clip.model, HeadlessClip)
+
+    def load_towers(self) -> None:
+        """Replace a HeadlessClip by the real CLIP (a split the cache does not hold was asked
+        for): the method is rebuilt on it and takes over the current trainable state."""
+        state = self.method.trainable_state()
+        log.info("client %s: loading CLIP (a split it reads is not in the feature cache)", self.node.partition_id)
+        self.clip, self.method = _with_clip(self.cfg, self.device, self.data)
+        self.method.load_trainable_state(state)
+
     def inputs(self, split: str, train: bool = False) -> SplitInputs:
+        """The examples of a split (call before reading ``self.method``: on a HeadlessClip a split
+        that is not cached loads CLIP and rebuilds the method)."""
+        if self.headless and split not in self.preloaded:
+            self.load_towers()
         if train and self.augment():
             return SplitInputs(self.method, self.cfg, self.data, split, rrc_flip(self.clip), self.device, cacheable=False)
         return SplitInputs(self.method, self.cfg, self.data, split, self.clip.preprocess_eval, self.device, cacheable=True,
@@ -166,14 +186,16 @@ class ClientRuntime:
 
     # ------------------------------------------------------------------ work
     def train(self, global_state: dict[str, torch.Tensor], *, server_round: int, fl_config: dict, teacher=None, carot_step: int = 0, feddyn_grad=None) -> TrainOutcome:
+        inputs = self.inputs("train", train=True)
         self.method.load_trainable_state(global_state)
         return local_train(
-            self.method, self.cfg, self.inputs("train", train=True), server_round=server_round, partition_id=self.node.partition_id,
+            self.method, self.cfg, inputs, server_round=server_round, partition_id=self.node.partition_id,
             device=self.device, global_state=global_state, fl_config=fl_config, teacher=teacher, carot_step=carot_step, feddyn_grad=feddyn_grad,
         )
 
     def logits(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, labels = predict(self.method, self.cfg, self.inputs(split), self.device, wise_alpha=self.cfg.method.wise_alpha)
+        inputs = self.inputs(split)
+        logits, labels = predict(self.method, self.cfg, inputs, self.device, wise_alpha=self.cfg.method.wise_alpha)
         return project(logits, self.data.eval_classes), labels
 
     def evaluate_split(self, split: str, temperature: float = 1.0) -> SplitEvaluation:

@@ -254,18 +254,25 @@ def test_frozen_tower_methods_run_without_clip_once_cached(pacs_dir, tmp_path, m
     with pytest.raises(TowersNotLoaded, match="image tower is not loaded"):
         headless.method.image_embeddings(torch.zeros(1, 3, 32, 32))
 
-    # a missing split cache or a damaged text file: CLIP is loaded again (and the text file rewritten)
+    # a damaged text file: CLIP is loaded again and the file rewritten
     monkeypatch.undo()
     features = tmp_path / "cache" / "features"
     text_file = next(features.glob("text-*.safetensors"))
     text_file.write_bytes(b"garbage")
     assert not isinstance(runtime(pacs_dir, tmp_path, method__name=name, **extra).method.clip, HeadlessClip)
     assert isinstance(runtime(pacs_dir, tmp_path, method__name=name, **extra).method.clip, HeadlessClip)
-    for f in features.glob("*.safetensors"):
-        if not f.name.startswith("text-"):
-            f.unlink()
-            break
-    assert not isinstance(runtime(pacs_dir, tmp_path, method__name=name, **extra).method.clip, HeadlessClip)
+    # a split missing from the cache: CLIP is loaded when that split is read, with the state the
+    # method holds then, and the figures stay the same
+    from client.features import cache_key, embeddings_path
+
+    embeddings_path(tmp_path / "cache", cache_key(with_clip.cfg.model.name, with_clip.cfg.model.pretrained, with_clip.cfg.model.precision, with_clip.device,
+                                        with_clip.data, "val", with_clip.clip.preprocess_eval)).unlink()
+    lazy = runtime(pacs_dir, tmp_path, method__name=name, **extra)
+    assert lazy.headless and "val" not in lazy.preloaded
+    if trained:
+        lazy.method.load_trainable_state(start)
+    assert torch.equal(lazy.logits("test")[0], reference["test"][0]) and lazy.headless
+    assert torch.equal(lazy.logits("val")[0], reference["val"][0]) and not lazy.headless
 
 
 def test_methods_that_need_a_tower_always_load_clip(pacs_dir, tmp_path):
@@ -282,19 +289,50 @@ def test_methods_that_need_a_tower_always_load_clip(pacs_dir, tmp_path):
     assert not list((tmp_path / "cache" / "features").glob("text-*"))
 
 
-def test_headless_needs_only_the_splits_the_client_reads(pacs_dir, tmp_path):
+def test_headless_preloads_only_the_splits_the_client_reads(pacs_dir, tmp_path):
     """With eval.splits = test and no temperature scaling a seen client reads train and test only:
-    those cached are enough to skip CLIP, and a split it never reads says so in one line."""
-    from common.model import HeadlessClip, TowersNotLoaded
-
+    val is never loaded; with temperature scaling it reads eval.ts_split (val) too."""
     extra = dict(method__name="adapter", eval__splits="test", eval__temperature_scaling="none")
     first = runtime(pacs_dir, tmp_path, **extra)
-    first.train(first.method.trainable_state(), server_round=1, fl_config={})
-    assert not isinstance(runtime(pacs_dir, tmp_path, **extra).method.clip, HeadlessClip)  # test split not cached yet
-    first.logits("test")
-    headless = runtime(pacs_dir, tmp_path, **extra)
-    assert isinstance(headless.method.clip, HeadlessClip) and sorted(headless.preloaded) == ["test", "train"]
-    with pytest.raises(TowersNotLoaded, match="expected in the feature cache"):
-        headless.logits("val")
-    # temperature scaling reads eval.ts_split (val): then CLIP is needed until val is cached too
-    assert not isinstance(runtime(pacs_dir, tmp_path, **{**extra, "eval__temperature_scaling": "global"}).method.clip, HeadlessClip)
+    for split in ("train", "val", "test"):
+        first.logits(split)
+    assert sorted(runtime(pacs_dir, tmp_path, **extra).preloaded) == ["test", "train"]
+    assert sorted(runtime(pacs_dir, tmp_path, **{**extra, "eval__temperature_scaling": "global"}).preloaded) == ["test", "train", "val"]
+
+
+COLD_CLIENT = """
+import pickle, sys
+from client.handlers import PROCESS_RUNTIMES, handle
+for req in pickle.load(open(sys.argv[1], "rb")):
+    resp = handle(req)
+    assert resp.error is None, resp.error
+heavy = [m for m in ("open_clip", "peft", "torchvision", "timm", "transformers", "datasets", "flwr_datasets") if m in sys.modules]
+print(heavy, [type(rt.method.clip).__name__ for rt in PROCESS_RUNTIMES.items.values()])
+"""
+
+
+def test_a_cold_client_on_cached_features_imports_no_clip_library(pacs_dir, tmp_path):
+    """A fresh process answering an adapter evaluate + train message from warm caches (partition,
+    image embeddings, text features) builds no CLIP and imports neither open_clip (with
+    torchvision) nor peft nor the datasets libraries: only torch."""
+    import pickle
+    import subprocess
+    import sys
+
+    from client.handlers import manifest_of
+    from client.relay import Request
+    from common.tensors import pack_arrays
+
+    rt = runtime(pacs_dir, tmp_path, method__name="adapter", eval__temperature_scaling="none")
+    for split in ("train", "test"):
+        rt.logits(split)  # fills the caches, as a first round with CLIP does
+    node = {"partition-id": 0, "num-partitions": 8}
+    arrays = pack_arrays(rt.method.trainable_state(), manifest_of(rt))
+    flat = rt.cfg.flat()
+    reqs = [Request("evaluate", flat, node, {"server-round": 1, "ts-mode": "none"}, arrays), Request("train", flat, node, {"server-round": 2}, arrays)]
+    path = tmp_path / "reqs.pkl"
+    path.write_bytes(pickle.dumps(reqs))
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", COLD_CLIENT, str(path)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[] ['HeadlessClip']", res.stdout

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import re
 
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
-
 from ..config import ConfigError
 from .base import ClipMethod
 
@@ -64,6 +61,8 @@ class Lora(ClipMethod):
         lc = cfg.lora
         self.image_tower_frozen = lc.encoder == "text"
         self.text_tower_trainable = lc.encoder in ("text", "both")
+        from peft import LoraConfig, inject_adapter_in_model
+
         peft_cfg = LoraConfig(
             r=lc.rank,
             lora_alpha=lc.alpha,
@@ -80,7 +79,9 @@ class Lora(ClipMethod):
     def keeps_backbone_training_mode(self) -> bool:
         return True
 
-    def lora_layers(self) -> list[LoraLayer]:
+    def lora_layers(self) -> list:
+        from peft.tuners.lora import LoraLayer
+
         return [m for m in self.clip.modules() if isinstance(m, LoraLayer)]
 
     def _enter_wise(self, alpha: float):

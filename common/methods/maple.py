@@ -23,7 +23,6 @@ import copy
 from collections.abc import Callable
 
 import torch
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 from ..config import ConfigError
@@ -133,6 +132,8 @@ class Maple(ClipMethod):
         prompts = [self.ctx] + list(self.compound_text)
         x = run_blocks(clip.transformer, x, self._replace(prompts, lambda x, p: torch.cat([x[:, :1], p, x[:, 1 + n :]], dim=1)), attn_mask=clip.attn_mask)
         x = clip.ln_final(x)
+        from open_clip.transformer import text_global_pool
+
         x = text_global_pool(x, self.prompt_tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
         proj = clip.text_projection
         if proj is not None:

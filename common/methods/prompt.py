@@ -15,7 +15,6 @@ WiSE-FT: normalize((1-a) t^clip + a t).
 from __future__ import annotations
 
 import torch
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 from ..config import ConfigError
@@ -29,6 +28,8 @@ def encode_text_embeddings(clip, embeddings: torch.Tensor, tokens: torch.Tensor)
     x = embeddings.to(cast_dtype) + clip.positional_embedding.to(cast_dtype)
     x = clip.transformer(x, attn_mask=clip.attn_mask)
     x = clip.ln_final(x)
+    from open_clip.transformer import text_global_pool
+
     x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
     proj = clip.text_projection
     if proj is not None:
