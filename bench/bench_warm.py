@@ -160,15 +160,16 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def deployed(tmp: Path, flat: dict, warm: bool, rounds: int, schedule: str = "one-phase", slow_polls: bool = False, name_suffix: str = "") -> list[float]:
+def deployed(tmp: Path, flat: dict, warm: bool, rounds: int, schedule: str = "one-phase", slow_polls: bool = False, name_suffix: str = "",
+             executor: bool = False) -> list[float]:
     """Round seconds of a deployed run; ``slow_polls``: Flower's 1 s executor poll and a 1 s
     ServerApp reply poll, as before fedcal shortened both."""
     from deploy.cluster import start_cluster
     from tests.processes import base_env, free_port, preset
 
     env = base_env(tmp, HOME=str(tmp), **({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"} if slow_polls else {}))
-    name = ("warm" if warm else "cold") + f"-{schedule}" + ("-slow-polls" if slow_polls else "") + name_suffix
-    cluster = start_cluster(tmp / f"cluster-{name}", 2, str(DATA), port=free_port(), node_port=free_port(), env=env, warm=warm)
+    name = ("warm" if warm else "cold") + f"-{schedule}" + ("-slow-polls" if slow_polls else "") + ("-executor" if executor else "") + name_suffix
+    cluster = start_cluster(tmp / f"cluster-{name}", 2, str(DATA), port=free_port(), node_port=free_port(), env=env, warm=warm, executor=executor)
     try:
         cfg = preset(ROOT / "configs" / "offline-smoke.toml", tmp / f"{name}.toml", **{
             **{k: v for k, v in flat.items() if k.startswith(("model.", "method.", "optim.", "data."))},
@@ -211,7 +212,7 @@ def p4(args) -> None:
     runs = [("deployed, warm workers, one phase per round", deployed(tmp, flat, True, args.rounds)),
             ("deployed, warm workers, two phases per round", deployed(tmp, flat, True, args.rounds, "two-phase")),
             ("deployed, no worker (cold), one phase per round", deployed(tmp, flat, False, args.rounds)),
-            ("deployed, warm workers, one phase, 1 s executor and reply polls (before)", deployed(tmp, flat, True, args.rounds, slow_polls=True))]
+            ("deployed, warm workers as the nodes' executors (no process per message), one phase", deployed(tmp, flat, True, args.rounds, executor=True))]
     # steady state: the rounds between the first (builds, caches) and the last (one-phase adds the final evaluation phase)
     middle = lambda xs: sum(xs[1:-1]) / max(1, len(xs) - 2)  # noqa: E731
     print(f"## P4: a deployed LoRA round ({args.model} from a checkpoint file, 2 clients, {args.steps} steps, {args.images} images)\n")
@@ -222,20 +223,23 @@ def p4(args) -> None:
 
 def floor(args) -> None:
     """Flower's per-round floor: deployed rounds whose local work is negligible (the tiny CLIP,
-    one step on a few images), with fedcal's quick executor and reply polls and with 1 s polls,
-    interleaved."""
+    one step on a few images), interleaved: the warm worker behind Flower's executor (a
+    flwr-clientapp process per message relaying to it) with fedcal's 0.25 s executor poll and with
+    1 s polls, and the warm worker as the node's executor (no process per message)."""
     tmp = Path(tempfile.mkdtemp(prefix="fedcal-floor-"))
     flat = run_config("", "fedcal-tiny", "lora", tmp / "cache", 8, optim__local_steps=1, optim__batch_size=4)
-    middle = lambda xs: xs[1:-1]  # noqa: E731
-    quick, slow = [], []
+    setups = [("warm worker behind Flower's executor (flwr-clientapp per message), executor poll 0.25 s, reply poll to 0.25 s", {}),
+              ("the same with 1 s executor and reply polls", {"slow_polls": True}),
+              ("warm worker as the node's executor (`--executor warm`: no process per message)", {"executor": True})]
+    rounds: dict[str, list[float]] = {label: [] for label, _ in setups}
     for rep in range(args.repeat):
-        quick += middle(deployed(tmp, flat, True, args.rounds, name_suffix=f"-q{rep}"))
-        slow += middle(deployed(tmp, flat, True, args.rounds, slow_polls=True, name_suffix=f"-s{rep}"))
+        for i, (label, kw) in enumerate(setups):
+            rounds[label] += deployed(tmp, flat, True, args.rounds, name_suffix=f"-{i}-{rep}", **kw)[1:-1]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     sd = lambda xs: (sum((x - mean(xs)) ** 2 for x in xs) / max(1, len(xs) - 1)) ** 0.5  # noqa: E731
-    print(f"## Flower's floor: deployed one-phase rounds with negligible local work (fedcal-tiny, 2 warm nodes, {args.repeat} x {args.rounds - 2} steady rounds each)\n")
-    print("| polls | s / round (mean +- sd) | min | max |\n|---|---|---|---|")
-    for label, xs in (("executor 0.25 s, ServerApp reply poll to 0.25 s (fedcal's defaults)", quick), ("executor 1 s, ServerApp reply poll to 1 s", slow)):
+    print(f"## Flower's floor: deployed one-phase rounds with negligible local work (fedcal-tiny, 2 nodes, {args.repeat} x {args.rounds - 2} steady rounds each)\n")
+    print("| setup | s / round (mean +- sd) | min | max |\n|---|---|---|---|")
+    for label, xs in rounds.items():
         print(f"| {label} | {mean(xs):.2f} +- {sd(xs):.2f} | {min(xs):.2f} | {max(xs):.2f} |")
 
 

@@ -45,3 +45,20 @@ def run_worker(socket_path: str | Path, *, ready_file: str | Path | None = None)
         sock.close()
         Path(socket_path).unlink(missing_ok=True)
         log.info("warm worker stopped (%d runtime builds, %d reuses)", handlers.PROCESS_RUNTIMES.builds, handlers.PROCESS_RUNTIMES.hits)
+
+
+def run_executor(supernode: str) -> None:
+    """The worker as its SuperNode's ClientApp executor (client/executor.py) until SIGTERM / SIGINT."""
+    import threading
+
+    from . import handlers
+    from .executor import serve_tasks
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    log.info("warm worker executing the ClientApps of the SuperNode at %s (pid %d)", supernode, os.getpid())
+    try:
+        serve_tasks(supernode, stop=stop)
+    finally:
+        log.info("warm worker stopped (%d runtime builds, %d reuses)", handlers.PROCESS_RUNTIMES.builds, handlers.PROCESS_RUNTIMES.hits)

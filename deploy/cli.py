@@ -612,6 +612,7 @@ def node(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N (overrides model.device).")] = "",
     isolation: Annotated[str, typer.Option(help="subprocess (the node runs ClientApps) or process (a flower-superexec does).")] = "subprocess",
     warm: Annotated[bool, typer.Option("--warm/--no-warm", help="Run the node's warm worker beside flower-supernode (restarted if it dies).")] = True,
+    executor: Annotated[str, typer.Option("--executor", help="flower: a flwr-clientapp process per message relays to the warm worker; warm: the warm worker is the node's executor (--isolation process, no process per message).")] = "flower",
     worker_socket: Annotated[str, typer.Option("--worker-socket", help="The warm worker's Unix socket (default: a 0700 folder under $XDG_RUNTIME_DIR or /tmp).")] = "",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check and print the flower-supernode command only.")] = False,
 ) -> None:
@@ -632,31 +633,43 @@ def node(
     preflight.parse_address(superlink_address)
     from deploy.warm import default_socket, supervise
 
-    socket_path = (worker_socket or str(default_socket(port))) if warm else ""
+    if executor not in ("flower", "warm"):
+        raise preflight.PreflightError(f"--executor {executor!r} must be flower or warm")
+    if executor == "warm" and not warm:
+        raise preflight.PreflightError("--executor warm needs the warm worker: drop --no-warm")
+    executes = warm and executor == "warm"
+    socket_path = (worker_socket or str(default_socket(port))) if warm and not executes else ""
     extra = {"role": role if role != "auto" else "", "device": device, "worker_socket": socket_path}
     args = supernode_args(superlink=superlink_address, node_config=node_config_string(partition_id, num_partitions, data_dir, **extra),
-                          host=host, port=port, root_certificates=root_certificates, auth_key=auth_key, isolation=isolation)
+                          host=host, port=port, root_certificates=root_certificates, auth_key=auth_key, isolation="process" if executes else isolation)
     typer.echo(" ".join(args), err=True)
     preflight.check_superlink(superlink_address, root_certificates)
     if dry_run:
         return
     if not warm:
         os.execvpe(args[0], args, flower_env())
-    raise typer.Exit(supervise(args, socket_path))
+    runtime_api = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    raise typer.Exit(supervise(args, socket_path, executor_for=runtime_api if executes else ""))
 
 
 @app.command()
 def worker(
-    socket_path: Annotated[Path, typer.Option("--socket", help="Unix socket to listen on (created 0600 in a 0700 folder).")],
+    socket_path: Annotated[Path | None, typer.Option("--socket", help="Unix socket to listen on (created 0600 in a 0700 folder).")] = None,
     ready_file: Annotated[Path | None, typer.Option("--ready-file", help="Written once the socket listens (for scripts).")] = None,
+    supernode: Annotated[str, typer.Option("--supernode", help="Be this SuperNode's ClientApp executor instead (its runtime API host:port; the node runs --isolation process).")] = "",
 ) -> None:
     """The node's warm worker: keeps CLIP, the partition and the caches warm across messages (README 'Warm rounds')."""
     import logging
 
-    from client.worker import run_worker
+    from client.worker import run_executor, run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run_worker(socket_path, ready_file=ready_file)
+    if supernode:
+        run_executor(supernode)
+    elif socket_path is not None:
+        run_worker(socket_path, ready_file=ready_file)
+    else:
+        raise typer.BadParameter("pass --socket PATH (the ClientApps relay to it) or --supernode HOST:PORT (be that SuperNode's executor)")
 
 
 @app.command()
@@ -669,6 +682,7 @@ def cluster(
     tls: Annotated[bool, typer.Option("--tls", help="TLS + SuperNode authentication (creates and registers keys).")] = False,
     work_dir: Annotated[Path, typer.Option("--work-dir", help="State, certificates and logs.")] = Path(".fedcal-cluster"),
     warm: Annotated[bool, typer.Option("--warm/--no-warm", help="One warm worker per SuperNode (README 'Warm rounds').")] = True,
+    executor: Annotated[str, typer.Option("--executor", help="flower (relay from a flwr-clientapp per message) or warm (the worker is each node's executor).")] = "flower",
 ) -> None:
     """Start a local deployment (SuperLink + N SuperNodes, real processes) until Ctrl-C."""
     import time
@@ -677,7 +691,9 @@ def cluster(
 
     if not data_dir:
         raise typer.BadParameter("pass --data-dir, the image folder every SuperNode reads (e.g. pacs-mini)")
-    c = start_cluster(work_dir, supernodes, data_dir, port=port, node_port=node_port, tls=tls, warm=warm)
+    if executor not in ("flower", "warm") or (executor == "warm" and not warm):
+        raise typer.BadParameter("--executor is flower or warm, and warm needs --warm")
+    c = start_cluster(work_dir, supernodes, data_dir, port=port, node_port=node_port, tls=tls, warm=warm, executor=executor == "warm")
     typer.echo(f"SuperLink {c.address} ({'TLS + SuperNode auth' if tls else 'insecure'}) and {supernodes} SuperNodes{' with warm workers' if warm else ''} are up; logs in {work_dir}/logs")
     typer.echo(f"submit a run:  flwr run . {c.connection} --stream --run-config configs/offline-smoke.toml")
     typer.echo("Ctrl-C stops everything.")

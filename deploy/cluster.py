@@ -20,12 +20,13 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import certs, preflight
 from .commands import TLSFiles, flower_env, node_config_string, superlink_args, supernode_args
-from .warm import cluster_socket, wait_socket, worker_args
+from .warm import cluster_socket, executor_args, wait_socket, worker_args
 
 
 def flwr_home(env: dict[str, str] | None = None) -> Path:
@@ -144,8 +145,10 @@ def start_cluster(
     connection: str | None = None,
     node_extra: dict[int, dict[str, str]] | None = None,
     warm: bool = False,
+    executor: bool | Collection[int] = False,
 ) -> Cluster:
-    """Start a SuperLink and ``supernodes`` SuperNodes on 127.0.0.1; returns when all are up."""
+    """Start a SuperLink and ``supernodes`` SuperNodes on 127.0.0.1; returns when all are up.
+    ``executor``: the nodes (True: all) whose warm worker is their ClientApp executor (client/executor.py)."""
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     preflight.check_node(0, supernodes, data_dir)
@@ -174,15 +177,19 @@ def start_cluster(
                 if res.returncode != 0:
                     raise RuntimeError(f"flwr supernode register failed for supernode-{i}: {(res.stdout + res.stderr).strip()[-500:]}")
             extra = dict((node_extra or {}).get(i, {}))
-            if warm:  # the node's warm worker first: its ClientApps relay to it
+            executes = executor is True or (not isinstance(executor, bool) and i in executor)
+            if warm and not executes:  # the node's warm worker first: its ClientApps relay to it
                 sock = cluster_socket(work_dir, i)
                 wait_socket(sock, cluster.start(f"worker-{i}", worker_args(sock)))
                 extra["worker_socket"] = str(sock)
             args = supernode_args(superlink=address, node_config=node_config_string(i, supernodes, data_dir, **extra),
-                                  port=node_port + i, root_certificates=tls_files.ca if tls_files else None, auth_key=key)
+                                  port=node_port + i, root_certificates=tls_files.ca if tls_files else None, auth_key=key,
+                                  isolation="process" if executes else "subprocess")
             proc = cluster.start(f"supernode-{i}", args, env=flower_env(env))
             cluster.node_ports.append(node_port + i)
             wait_http(f"http://127.0.0.1:{node_port + i}/health", proc=proc, what=f"supernode-{i}")
+            if executes:  # the warm worker runs the node's ClientApps itself (client/executor.py)
+                cluster.start(f"worker-{i}", executor_args(f"127.0.0.1:{node_port + i}"))
         cluster.wait_online(supernodes)
     except BaseException:
         cluster.stop()

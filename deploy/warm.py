@@ -36,6 +36,11 @@ def worker_args(socket_path: str | Path) -> list[str]:
     return [sys.executable, "-m", "deploy.cli", "worker", "--socket", str(socket_path)]
 
 
+def executor_args(supernode: str) -> list[str]:
+    """The warm worker as the ClientApp executor of the SuperNode whose runtime API is ``supernode``."""
+    return [sys.executable, "-m", "deploy.cli", "worker", "--supernode", supernode]
+
+
 def wait_socket(path: str | Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not Path(path).is_socket():
@@ -57,19 +62,25 @@ def restart_delay(previous: float, uptime: float) -> float:
     return 1.0 if uptime >= STABLE_SECONDS or previous <= 0 else min(previous * 2, MAX_RESTART_DELAY)
 
 
-def supervise(supernode: list[str], socket_path: str, poll: float = 1.0) -> int:
+def supervise(supernode: list[str], socket_path: str = "", poll: float = 1.0, executor_for: str = "") -> int:
     """Run the SuperNode and the worker until the SuperNode exits or a signal arrives; restart the
-    worker if it dies, backing off while it keeps dying at start (its ClientApps compute in-process
-    meanwhile)."""
+    worker if it dies, backing off while it keeps dying at start (relaying ClientApps compute
+    in-process meanwhile; with ``executor_for`` = the node's runtime API address the worker is the
+    node's executor, started once the node is up, and the node's messages wait for it)."""
     from .commands import flower_env
 
     cwd = Path(__file__).resolve().parents[1]
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
-    worker = subprocess.Popen(worker_args(socket_path), cwd=cwd)
-    wait_socket(socket_path, worker)
-    node = subprocess.Popen(supernode, env=flower_env())
+    args = executor_args(executor_for) if executor_for else worker_args(socket_path)
+    if executor_for:
+        node = subprocess.Popen(supernode, env=flower_env())
+        worker = subprocess.Popen(args, cwd=cwd)
+    else:
+        worker = subprocess.Popen(args, cwd=cwd)
+        wait_socket(socket_path, worker)
+        node = subprocess.Popen(supernode, env=flower_env())
     started, delay, restart_at = time.monotonic(), 0.0, None
     try:
         while not stop["now"] and node.poll() is None:
@@ -79,7 +90,7 @@ def supervise(supernode: list[str], socket_path: str, poll: float = 1.0) -> int:
                 restart_at = now + delay
                 print(f"fedcal node: the warm worker exited ({worker.returncode}); restarting it in {delay:.0f}s", file=sys.stderr)
             if restart_at is not None and now >= restart_at:
-                worker, started, restart_at = subprocess.Popen(worker_args(socket_path), cwd=cwd), now, None
+                worker, started, restart_at = subprocess.Popen(args, cwd=cwd), now, None
             time.sleep(poll)
     finally:
         for proc in (node, worker):

@@ -11,6 +11,7 @@ import pytest
 
 from deploy.cluster import start_cluster
 from deploy.commands import SUPEREXEC_ENV
+from deploy.warm import executor_args
 from server.records import read_records
 from tests.processes import BIN, ROOT, Proc, base_env, free_port, preset
 
@@ -42,36 +43,47 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def test_supernode_and_warm_worker_killed_mid_round(tmp_path, pacs_dir):
-    """Round 2 loses node 2 (killed) and node 1's reply (its warm worker killed while it trains);
-    the run goes on, and in round 3 nodes 0 and 1 train again (node 1 computes in-process)."""
+def test_supernode_and_warm_workers_killed_mid_round(tmp_path, pacs_dir):
+    """Node 0's warm worker is its executor (`--executor warm`), node 1's is relayed to. Round 2
+    loses all three replies: node 2 is killed, node 1's worker and node 0's executor are killed while
+    they train. The run goes on; node 0's executor is restarted (as `fedcal node` does) and in round
+    3 nodes 0 and 1 train again (node 1 computes in-process)."""
     data = photo_only(tmp_path, pacs_dir)
     env = base_env(tmp_path, HOME=str(tmp_path))
-    cluster = start_cluster(tmp_path / "cluster", 3, str(data), port=free_port(), node_port=free_port(), env=env, warm=True)
+    cluster = start_cluster(tmp_path / "cluster", 3, str(data), port=free_port(), node_port=free_port(), env=env, warm=True, executor={0})
     try:
+        assert "--isolation process" in " ".join(cluster.processes["supernode-0"].args)
         cfg = run_config(tmp_path, data, "killed", **{"fl.rounds": 3, "fl.min_train_nodes": 1, "fl.min_available_nodes": 3, "fl.round_timeout": 120.0,
                                                         "optim.local_steps": 200})
         run = submit(cluster, cfg, tmp_path / "run.log")
-        # round 2: kill node 2 once it has its training message, and node 1's warm worker while it trains
+        # round 2: kill node 2 once it has its training message, and nodes 0's and 1's workers while they train
         wait_for(lambda: (cluster.logs("supernode-2").count("Receiving: train message") >= 2
-                          and cluster.logs("worker-1").count("handling train message") >= 2) or not run.alive(), 300, "round 2 to reach nodes 1 and 2")
+                          and cluster.logs("worker-1").count("handling train message") >= 2
+                          and cluster.logs("worker-0").count("running train message") >= 2) or not run.alive(), 300, "round 2 to reach nodes 0, 1 and 2")
         assert run.alive(), run.output()[-5000:]
         cluster.kill("supernode-2")
         cluster.kill("worker-1")
+        cluster.kill("worker-0")
+        cluster.start("worker-0", executor_args(f"127.0.0.1:{cluster.node_ports[0]}"))
         wait_for(lambda: not run.alive(), 420, "the run to finish without node 2")
         run_dir = tmp_path / "runs" / "killed"
         assert (run_dir / "summary.json").exists(), run.output()[-5000:]
         rows = read_records(run_dir)
         assert sorted(r["round"] for r in rows if r["kind"] == "round") == [1, 2, 3]
         lost = {r["partition"]: r for r in rows if r["kind"] in ("missing", "failed") and r["round"] == 2 and r["phase"] == "train"}
-        assert sorted(lost) == [1, 2], lost
+        assert sorted(lost) == [0, 1, 2], lost
         # node 1's worker died mid-message: a one-line failed reply; its next messages are computed in-process
         assert lost[1]["kind"] == "failed" and "warm worker" in lost[1]["reason"] and "\n" not in lost[1]["reason"], lost[1]
         assert "computing in this process" in cluster.logs("supernode-1")
-        assert sorted(r["partition"] for r in rows if r["kind"] == "train" and r["round"] == 2) == [0]
+        # node 0's executor died mid-task: its SuperNode answers with Flower's error once the task's heartbeat stops,
+        # and its restarted executor runs the next messages
+        assert lost[0]["kind"] == "failed" and "stopped responding" in lost[0]["reason"], lost[0]
+        assert not [r for r in rows if r["kind"] == "train" and r["round"] == 2]
         assert sorted(r["partition"] for r in rows if r["kind"] == "train" and r["round"] == 3) == [0, 1]
         assert sorted({r["partition"] for r in rows if r["kind"] == "client" and r["round"] == 3}) == [0, 1]
         assert "round 3/3" in run.output()
+        restarted = cluster.logs("worker-0").rsplit("warm worker executing the ClientApps", 1)[1]
+        assert "running train message" in restarted  # round 3 ran inside the restarted executor
     finally:
         cluster.stop()
 
@@ -126,6 +138,8 @@ def fedcal(*args: str, env=None) -> subprocess.CompletedProcess:
     (["superlink", "--certs", "/no/certs", "--dry-run"], "does not exist"),
     (["superlink", "--supernode-auth", "--dry-run"], "--supernode-auth needs TLS"),
     (["config", "-c", "fl.aggregatr=\"fedprox\""], "did you mean 'fl.aggregator'"),
+    (["node", "--superlink", "127.0.0.1:8000", "--partition-id", "0", "--num-partitions", "2", "--executor", "fast"], "--executor 'fast' must be flower or warm"),
+    (["node", "--superlink", "127.0.0.1:8000", "--partition-id", "0", "--num-partitions", "2", "--executor", "warm", "--no-warm"], "--executor warm needs the warm worker"),
 ])
 def test_operator_mistakes_are_one_line(args, expected):
     args = [a.replace("{closed}", str(free_port())) for a in args]
