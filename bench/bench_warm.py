@@ -15,7 +15,7 @@ every round) in one bare process. Printed: seconds per round from the run's reco
 the steady rounds 2..R-1, the last round with the final evaluation phase) and the ratios.
 
     python bench/bench_warm.py p2 [--method adapter|linear] [--images 128]
-    python bench/bench_warm.py p4 [--rounds 4]
+    python bench/bench_warm.py p4 [--rounds 4] [--repeat 2] [--setups warm,two-phase,cold,executor]
     python bench/bench_warm.py floor [--rounds 10] [--repeat 2]
 
 floor - Flower's per-round floor alone: the same deployment with negligible local work (the tiny
@@ -40,12 +40,12 @@ BIN = Path(sys.executable).parent
 
 def checkpoint_file(arch: str, folder: Path) -> Path:
     """A ViT checkpoint file (random weights: the cost does not depend on them) standing in for the weights cache."""
-    import open_clip
+    from common.model import open_clip_lib
 
     path = folder / f"{arch}.pt"
     if not path.exists():
         torch.manual_seed(0)
-        torch.save(open_clip.create_model(arch, pretrained=None).state_dict(), path)
+        torch.save(open_clip_lib().create_model(arch, pretrained=None).state_dict(), path)
     return path
 
 
@@ -204,21 +204,37 @@ def bare(flat: dict, rounds: int) -> list[float]:
     return out
 
 
+P4_SETUPS = {
+    "warm": ("deployed, warm workers, one phase per round", dict(warm=True)),
+    "two-phase": ("deployed, warm workers, two phases per round", dict(warm=True, schedule="two-phase")),
+    "cold": ("deployed, no worker (cold), one phase per round", dict(warm=False)),
+    "executor": ("deployed, warm workers as the nodes' executors (`--executor warm`), one phase", dict(warm=True, executor=True)),
+}
+
+
 def p4(args) -> None:
+    """Each repetition runs the bare process and then every chosen deployment, so drifts of the
+    shared machine's load hit all of them; the steady rounds (2..R-1) of all repetitions are pooled."""
     tmp = Path(tempfile.mkdtemp(prefix="fedcal-p4-"))
     ckpt = checkpoint_file(args.model, tmp)
     flat = run_config(ckpt, args.model, "lora", tmp / "cache", args.images, optim__local_steps=args.steps, optim__batch_size=8)
-    base = bare(flat, args.rounds)
-    runs = [("deployed, warm workers, one phase per round", deployed(tmp, flat, True, args.rounds)),
-            ("deployed, warm workers, two phases per round", deployed(tmp, flat, True, args.rounds, "two-phase")),
-            ("deployed, no worker (cold), one phase per round", deployed(tmp, flat, False, args.rounds)),
-            ("deployed, warm workers as the nodes' executors (no process per message), one phase", deployed(tmp, flat, True, args.rounds, executor=True))]
-    # steady state: the rounds between the first (builds, caches) and the last (one-phase adds the final evaluation phase)
-    middle = lambda xs: sum(xs[1:-1]) / max(1, len(xs) - 2)  # noqa: E731
-    print(f"## P4: a deployed LoRA round ({args.model} from a checkpoint file, 2 clients, {args.steps} steps, {args.images} images)\n")
-    print("| | round 1 s | rounds 2..R-1 s (mean) | last round s | rounds 2..R-1 / bare | s over bare |\n|---|---|---|---|---|---|")
-    for label, xs in (("bare process (same local work: evaluate + train per client)", base), *runs):
-        print(f"| {label} | {xs[0]:.1f} | {middle(xs):.1f} | {xs[-1]:.1f} | x{middle(xs) / middle(base):.2f} | {middle(xs) - middle(base):+.1f} |")
+    chosen = [k.strip() for k in args.setups.split(",") if k.strip()]
+    rows: dict[str, list[list[float]]] = {"bare": []} | {k: [] for k in chosen}
+    for rep in range(args.repeat):
+        rows["bare"].append(bare(flat, args.rounds))
+        for key in chosen:
+            rows[key].append(deployed(tmp, flat, rounds=args.rounds, name_suffix=f"-{rep}", **P4_SETUPS[key][1]))
+    steady = {k: [x for run in runs for x in run[1:-1]] for k, runs in rows.items()}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    base = mean(steady["bare"])
+    print(f"## P4: a deployed LoRA round ({args.model} from a checkpoint file, 2 clients, {args.steps} steps, {args.images} images, "
+          f"{args.repeat} x {args.rounds} rounds)\n")
+    print("| | round 1 s | rounds 2..R-1 s (mean) | last round s | rounds 2..R-1 / bare | per repetition | s over bare |\n|---|---|---|---|---|---|---|")
+    for key, runs in rows.items():
+        label = "bare process (same local work: evaluate + train per client)" if key == "bare" else P4_SETUPS[key][0]
+        per_rep = ", ".join(f"x{mean(r[1:-1]) / mean(b[1:-1]):.2f}" for r, b in zip(runs, rows["bare"], strict=True))
+        print(f"| {label} | {mean([r[0] for r in runs]):.1f} | {mean(steady[key]):.1f} | {mean([r[-1] for r in runs]):.1f} | "
+              f"x{mean(steady[key]) / base:.2f} | {per_rep} | {mean(steady[key]) - base:+.1f} |")
 
 
 def floor(args) -> None:
@@ -252,6 +268,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--setups", default="warm,two-phase,cold,executor", help="p4: which deployments, comma list of " + ", ".join(P4_SETUPS))
     args = ap.parse_args()
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))

@@ -29,7 +29,7 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 log = logging.getLogger(__name__)
 
 
-def _open_clip():
+def open_clip_lib():
     """open_clip, imported on first use (with torchvision it costs ~3 s: a client that runs on
     cached features never pays it) and with fedcal's tiny architectures registered."""
     import open_clip
@@ -152,11 +152,11 @@ def _resolve_pretrained(name: str, pretrained: str | None, cache_dir: str | None
         return expanded, False
     if _looks_like_path(pretrained):
         raise ConfigError(f"model.pretrained checkpoint file {pretrained!r} does not exist; pass an existing file, an open_clip tag, or empty for random init")
-    tags = _open_clip().list_pretrained_tags_by_model(name)
+    tags = open_clip_lib().list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         hint = f"valid tags for {name}: {', '.join(tags)}" if tags else f"{name} has no pretrained tags; use a checkpoint file or empty"
         raise ConfigError(f"model.pretrained {pretrained!r} is not a known tag for {name} ({hint})")
-    cfg = _open_clip().get_pretrained_cfg(name, pretrained)
+    cfg = open_clip_lib().get_pretrained_cfg(name, pretrained)
     if _weights_cached(cfg, cache_dir):
         return pretrained, True
     where = cfg.get("hf_hub") or cfg.get("url") or "the hub"
@@ -189,10 +189,10 @@ def load_clip(
     so every process (server and clients) builds the same frozen CLIP; with them, none is drawn
     (:func:`skip_random_init`): the checkpoint overwrites every parameter anyway.
     """
-    if name not in _open_clip().list_models():
+    if name not in open_clip_lib().list_models():
         raise ConfigError(f"model.name {name!r} is not an open_clip architecture" + (
-            f" (did you mean {difflib.get_close_matches(name, _open_clip().list_models(), n=1)[0]!r}?)"
-            if difflib.get_close_matches(name, _open_clip().list_models(), n=1) else "; see open_clip.list_models()"))
+            f" (did you mean {difflib.get_close_matches(name, open_clip_lib().list_models(), n=1)[0]!r}?)"
+            if difflib.get_close_matches(name, open_clip_lib().list_models(), n=1) else "; see open_clip.list_models()"))
     cache_dir = os.path.expanduser(cache_dir) if cache_dir else None
     source, cache_only = _resolve_pretrained(name, pretrained, cache_dir, offline)
     device = resolve_device(str(device)) if isinstance(device, str) else device
@@ -202,7 +202,7 @@ def load_clip(
         with offline_mode() if cache_only else nullcontext(), _no_root_basicconfig(), torch.random.fork_rng(devices=[]), \
                 skip_random_init() if source is not None else nullcontext():
             torch.manual_seed(init_seed)
-            model, preprocess_train, preprocess_eval = _open_clip().create_model_and_transforms(
+            model, preprocess_train, preprocess_eval = open_clip_lib().create_model_and_transforms(
                 name, pretrained=source, precision="fp32", device=device, cache_dir=cache_dir
             )
     except (RuntimeError, FileNotFoundError, OSError) as err:
@@ -211,7 +211,7 @@ def load_clip(
     model.eval()
     model.fedcal_precision = precision  # type: ignore[attr-defined]
     with _no_root_basicconfig():
-        tokenizer = _open_clip().get_tokenizer(name)
+        tokenizer = open_clip_lib().get_tokenizer(name)
     return LoadedClip(model, preprocess_train, preprocess_eval, tokenizer)
 
 
@@ -238,7 +238,7 @@ def prompt_name(class_name: str) -> str:
 @torch.no_grad()
 def zero_shot_classifier(model: torch.nn.Module, tokenizer: Any, class_names: list[str], templates: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
     """Normalised text features (K, D): each class averaged over the templates, via open_clip."""
-    weights = _open_clip().build_zero_shot_classifier(
+    weights = open_clip_lib().build_zero_shot_classifier(
         model, tokenizer, [prompt_name(c) for c in class_names], templates, num_classes_per_batch=10, device=device, use_tqdm=False
     )
     return weights.T.contiguous()
