@@ -13,8 +13,9 @@ image tower produced, so cached and uncached logits are identical.
 
 Beside them, a frozen-text file per (model, weights, precision, device type, class names,
 templates) holds the class text features and the logit scale: a client of a method with frozen
-towers (adapter, linear, zero-shot) whose splits are all cached builds its method on a
-:class:`~common.model.HeadlessClip` and never loads CLIP (:meth:`ClientRuntime.create`).
+towers (adapter, linear, zero-shot) builds its method on a :class:`~common.model.HeadlessClip`
+with the cached embeddings of the splits it reads, and loads CLIP only if asked for a split the
+cache lacks (:meth:`ClientRuntime.create`, :meth:`ClientRuntime.load_towers`).
 """
 
 from __future__ import annotations

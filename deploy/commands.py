@@ -21,9 +21,11 @@ SUPERNODE_PORT = 9094
 #: Flower's SuperExec asks for an app to launch once a second by default
 #: (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, flwr/supercore/superexec/run_superexec.py), so every
 #: message waits up to 1 s before its ClientApp process starts. A node's executor started by fedcal
-#: (``fedcal node``, ``fedcal cluster``, the compose clientapp services) asks every 0.25 s: ~0.4 s
-#: less per message for ~1.7% of a core per idle node (0.1 s costs ~4%). An operator's own value
-#: wins. The SuperLink's executor keeps Flower's default: it launches one ServerApp per run.
+#: (``fedcal node``, ``fedcal cluster``, the compose clientapp services) asks every 0.25 s, for
+#: ~1.7% of a core per idle node (0.1 s costs ~4%). Measured with the shorter ServerApp reply poll:
+#: 0.2 +- 0.2 s less per round, since the SuperNode's fixed 3 s pull pause hides most of it
+#: (bench/RESULTS.md, "Flower's floor alone"). An operator's own value wins. The SuperLink's
+#: executor keeps Flower's default: it launches one ServerApp per run.
 SUPEREXEC_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
 
 
